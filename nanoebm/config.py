@@ -1,0 +1,162 @@
+"""Typed config schema for every entry script, plus the command-line shims.
+
+The dataclasses are the single source of truth for option names and defaults; YAML files in
+configs/ only hold presets. Hydra is imported lazily (in register_configs) so the library itself
+never needs it: code receives plain dataclass instances.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    # backbone sizes (vocab_size / block_size = 0: taken from the data)
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 0          # longest context the model supports; 0 = data.block_size
+    vocab_size: int = 0          # 0 = the data's vocabulary; a different value is an error
+    dropout: float = 0.1
+    tie_candidate_embedding: bool = False  # candidate embedding p @ W: W = input embedding
+    step_embed: bool = False     # learned per-think-step embedding added to the candidate stream
+    # thinking (SPEC §3)
+    think_steps: int = 2
+    think_init: str = "s1"       # s1 | noise | zeros
+    think_init_std: float = 1.0
+    think_grad: str = "hybrid"   # probs (reference) | logits (paper) | hybrid: dJ/dp applied to z
+    think_lr: float = 1.0        # alpha
+    think_lr_learnable: bool = True
+    think_lr_lr_multiplier: float = 10.0
+    think_lr_random_scale: float = 1.0   # s: alpha per token ~ U[alpha/s, alpha*s] when training
+    think_steps_random: int = 0  # r: train on K..K+r steps, evaluate on K+r
+    think_max_move: float = 0.0  # clamp |alpha*g| per logit (0 = off)
+    detach_refine: bool = True
+    truncate_refine: bool = False
+    langevin_noise: float = 0.0  # std of noise added to z before each step (training)
+    softmax_temperature: float = 1.0
+    entropy_weight: float = 0.0
+    mixture_stopgrad: bool = False
+    aux_ce_weight: float = 1.0   # weight of CE on the System-1 logits
+    # contrastive energy shaping (SPEC §4)
+    use_contrastive: bool = False
+    contrastive_type: str = "cd"  # cd | pcd | fast_pcd
+    contrastive_weight: float = 0.1
+    contrastive_k: int = 1
+    contrastive_reg: float = 0.1
+    langevin_step_size: float = 0.01
+    langevin_noise_scale: float = 0.005
+    n_persistent: int = 100
+    n_chains: int = 20
+    restart_prob: float = 0.05
+    buffer_init_std: float = 1.0
+    fast_lr: float = 0.01
+    fast_decay: float = 0.95
+    replay_buffer_size: int = 0
+    replay_fraction: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    data_path: str = "shakespeare.txt"
+    tokenizer: str = "char"      # char | gpt2 (any tiktoken encoding via bpe_encoding)
+    bpe_encoding: str = "gpt2"
+    max_shards: Optional[int] = None
+    val_fraction: Optional[float] = None  # None: 0.1 for a text file, last shard for parquet
+    cache_dir: Optional[str] = None
+    block_size: int = 256
+    batch_size: int = 64
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 5000
+    learning_rate: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_iters: int = 200
+    lr_decay_iters: int = 0      # 0 = max_steps
+    decay_lr: bool = True
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+    log_interval: int = 10
+    eval_interval: int = 500
+    eval_iters: int = 50
+    save_interval: int = 1000
+    seed: int = 1337
+    device: str = "auto"         # auto (cuda > mps > cpu) | cuda | mps | cpu
+    dtype: str = "auto"          # auto (bf16 autocast on CUDA, else float32) | float32 | bfloat16
+    compile: bool = False
+
+
+@dataclass
+class TrainRunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "out_ebt"
+    load_checkpoint: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_name: Optional[str] = None
+
+
+# --------------------------------------------------------------------------------------------
+# command-line shims
+
+# legacy spelling -> (canonical key, inverted?)  Earlier repos in this lineage used these names.
+LEGACY_ALIASES = {
+    "model.mcmc_num_steps": ("model.think_steps", False),
+    "model.refine_steps": ("model.think_steps", False),
+    "model.mcmc_step_size": ("model.think_lr", False),
+    "model.refine_step_size": ("model.think_lr", False),
+    "model.mcmc_step_size_learnable": ("model.think_lr_learnable", False),
+    "model.refine_step_size_learnable": ("model.think_lr_learnable", False),
+    "model.mcmc_step_size_lr_multiplier": ("model.think_lr_lr_multiplier", False),
+    "model.truncate_mcmc": ("model.truncate_refine", False),
+    "model.no_mcmc_detach": ("model.detach_refine", True),
+    "model.langevin_dynamics_noise": ("model.langevin_noise", False),
+    "model.clamp_update_max_change": ("model.think_max_move", False),
+    "model.entropy_reg_tau": ("model.entropy_weight", False),
+}
+HYDRA_FLAGS = {"--config-path", "--config-name", "--config-dir", "--cfg", "--info", "--package",
+               "--resolve", "--run", "--multirun", "--help", "--hydra-help", "--version",
+               "--shell-completion", "--experimental-rerun"}
+_BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def rewrite_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Accept `--key=value` (nanoGPT habit) and legacy option names; return (argv, notes)."""
+    out, notes = [], []
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg and arg.split("=", 1)[0] not in HYDRA_FLAGS:
+            arg = arg[2:]  # Hydra reserves --flags for itself; ours are plain key=value
+        key, eq, value = arg.partition("=")
+        if eq and key in LEGACY_ALIASES:
+            new_key, inverted = LEGACY_ALIASES[key]
+            if inverted:
+                b = _BOOLS.get(value.strip().lower())
+                if b is None:
+                    raise SystemExit(f"error: {key} expects true/false, got {value!r}")
+                value = str(not b).lower()
+            notes.append(f"note: legacy option {key}={arg.partition('=')[2]} -> {new_key}={value}")
+            arg = f"{new_key}={value}"
+        out.append(arg)
+    return out, notes
+
+
+def apply_cli_shims() -> None:
+    """Rewrite sys.argv in place before @hydra.main parses it, printing one note per alias."""
+    sys.argv[1:], notes = rewrite_argv(sys.argv[1:])
+    for n in notes:
+        print(n)
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (only entry scripts and tests call this)."""
+    from hydra.core.config_store import ConfigStore
+    cs = ConfigStore.instance()
+    cs.store(name="base_train", node=TrainRunConfig)

@@ -1,0 +1,229 @@
+"""The Energy-Based Transformer: one set of Llama-style blocks run as two streams.
+
+* context stream  - the real tokens x_0..x_{T-1}, ordinary causal self-attention. It never sees a
+  candidate, so it runs once per batch; its per-layer keys/values are reused by every think step.
+* candidate stream - position t holds a candidate distribution p_t for x_{t+1}, embedded as
+  p_t @ W_cand and placed at RoPE position t+1. It attends to context keys x_0..x_t and to itself
+  only (never to its target x_{t+1}, later tokens or other candidates), with the same Q/K/V/O
+  weights. A final RMSNorm + Linear(D, 1) turns it into one scalar energy E_t per position.
+* System-1 head - Linear(D, V) on the context stream: amortized initial logits. With
+  think_steps=0 the model is exactly a plain causal transformer LM (the baseline).
+
+The candidate attention is written out with plain tensor ops so that it can be differentiated
+twice (training backpropagates through dE/dp). The context stream only needs first-order
+gradients, so it uses PyTorch's fused scaled_dot_product_attention.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanoebm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # written out (not F.rms_norm) so every op has a double-backward formula
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_tables(n_pos: int, head_dim: int, base: float = 10000.0):
+    """cos/sin tables for positions 0..n_pos-1, each (n_pos, head_dim/2)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    ang = torch.outer(torch.arange(n_pos).float(), inv_freq)  # (n_pos, hd/2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x1, x2) = (first half, second half) of each head. x: (B, H, T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hd/2) broadcast over B, H
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def _split(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)  # 3 x (B, T, D)
+        return [t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v)]
+
+    def _merge(self, y):
+        B, H, T, hd = y.shape
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, H * hd)))
+
+    def context(self, x, cos, sin, past=None):
+        """Causal self-attention over real tokens. Returns output and this layer's full (k, v)."""
+        q, k, v = self._split(x)  # (B, H, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:  # extend a KV cache: new queries see every cached key
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        Tq, Tk = q.shape[2], k.shape[2]
+        p_drop = self.dropout if self.training else 0.0
+        if Tq == Tk:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p_drop)
+        else:  # query i sits at absolute position Tk - Tq + i
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+        return self._merge(y), (k, v)
+
+    def candidate(self, c, k_ctx, v_ctx, cos, sin):
+        """Candidate t (absolute position pos_t = Tk - Tc + t) attends to context keys 0..pos_t
+        and to itself. Explicit ops: this is the path that gets differentiated twice."""
+        q, k, v = self._split(c)  # (B, H, Tc, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        Tc, Tk = q.shape[2], k_ctx.shape[2]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        s_ctx = (q @ k_ctx.transpose(-2, -1)) * scale  # (B, H, Tc, Tk)
+        allowed = torch.ones(Tc, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tc)
+        s_ctx = s_ctx.masked_fill(~allowed, float("-inf"))  # hides x_{t+1..}: no target leak
+        s_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, Tc, 1)
+        w = torch.cat([s_ctx, s_self], dim=-1).float().softmax(-1).to(q.dtype)  # (B,H,Tc,Tk+1)
+        w = F.dropout(w, self.dropout, self.training)
+        y = w[..., :Tk] @ v_ctx + w[..., Tk:] * v  # (B, H, Tc, hd)
+        return self._merge(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU with hidden 8/3·D (rounded), i.e. the same parameter count as a 4·D GELU MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = 16 * ((8 * cfg.n_embd // 3 + 15) // 16)
+        self.gate_up = nn.Linear(cfg.n_embd, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.n_embd, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        g, u = self.gate_up(x).chunk(2, dim=-1)
+        return self.drop(self.down(F.silu(g) * u))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1, self.ln2 = RMSNorm(cfg.n_embd), RMSNorm(cfg.n_embd)
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+
+    def context(self, x, cos, sin, past=None):
+        a, kv = self.attn.context(self.ln1(x), cos, sin, past)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), kv
+
+    def candidate(self, c, k, v, cos, sin):
+        c = c + self.attn.candidate(self.ln1(c), k, v, cos, sin)
+        return c + self.mlp(self.ln2(c))
+
+
+@dataclass
+class Context:
+    """What the context stream hands to thinking: per-layer (k, v) and the S1 logits."""
+    kv: list                      # n_layer x (k, v), each (B, H, T, hd)
+    s1_logits: torch.Tensor | None  # (B, T, V) or None when the model has no S1 head
+
+    @property
+    def length(self) -> int:
+        return self.kv[0][0].shape[2]
+
+
+class EBT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.vocab_size > 0 and cfg.block_size > 0, "set vocab_size/block_size from the data"
+        assert cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0
+        self.cfg = cfg
+        D, V = cfg.n_embd, cfg.vocab_size
+        self.wte = nn.Embedding(V, D)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        # candidate embedding: a separate V x D table unless tied to the input embedding
+        self.w_cand = None if cfg.tie_candidate_embedding else nn.Parameter(torch.empty(V, D))
+        n_step = max(1, cfg.think_steps + cfg.think_steps_random)
+        self.step_emb = nn.Embedding(n_step, D) if cfg.step_embed else None
+        self.ln_e, self.energy_head = RMSNorm(D), nn.Linear(D, 1, bias=False)
+        # the S1 head exists when it starts the chain, is the model (K=0), or gets aux CE
+        self.has_s1 = cfg.think_init == "s1" or cfg.think_steps == 0 or cfg.aux_ce_weight > 0
+        self.ln_f = RMSNorm(D) if self.has_s1 else None
+        self.s1_head = nn.Linear(D, V, bias=False) if self.has_s1 else None
+        # alpha, the think step size; learnable when think_lr_learnable (own optimizer group)
+        self.alpha = nn.Parameter(torch.tensor(float(cfg.think_lr)),
+                                  requires_grad=cfg.think_lr_learnable)
+        cos, sin = rope_tables(cfg.block_size + 1, D // cfg.n_head)  # +1: candidates sit at t+1
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        if self.w_cand is not None:
+            nn.init.normal_(self.w_cand, std=0.02)
+        for name, p in self.named_parameters():  # GPT-2 style scaled init of residual outputs
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def cand_weight(self):
+        return self.wte.weight if self.w_cand is None else self.w_cand
+
+    def context(self, idx, past: Context | None = None) -> Context:
+        """Run the context stream on idx (B, T); with `past`, extend that KV cache."""
+        pos0 = past.length if past is not None else 0
+        T = idx.shape[1]
+        assert pos0 + T <= self.cfg.block_size, f"context {pos0 + T} > block_size"
+        cos, sin = self.rope_cos[pos0:pos0 + T], self.rope_sin[pos0:pos0 + T]
+        x = self.drop(self.wte(idx))  # (B, T, D)
+        kv = []
+        for i, block in enumerate(self.blocks):
+            x, layer_kv = block.context(x, cos, sin, past.kv[i] if past is not None else None)
+            kv.append(layer_kv)
+        s1 = self.s1_head(self.ln_f(x)).float() if self.has_s1 else None  # (B, T, V)
+        return Context(kv=kv, s1_logits=s1)
+
+    def energy(self, ctx: Context, p, step: int = 0, stopgrad_cand: bool = False):
+        """Energy E (B, Tc) of candidate distributions p (B, Tc, V) for the LAST Tc context
+        positions (Tc = T in training, 1 when generating with a KV cache)."""
+        W = self.cand_weight.detach() if stopgrad_cand else self.cand_weight
+        c = p.to(W.dtype) @ W  # (B, Tc, D): the expected embedding under p
+        if self.step_emb is not None:  # step conditioning only here: the context stays shared
+            c = c + self.step_emb.weight[min(step, self.step_emb.num_embeddings - 1)]
+        c = self.drop(c)
+        Tc, Tk = p.shape[1], ctx.length
+        # candidate for x_{t+1} sits at RoPE position t+1
+        cos, sin = self.rope_cos[Tk - Tc + 1:Tk + 1], self.rope_sin[Tk - Tc + 1:Tk + 1]
+        for block, (k, v) in zip(self.blocks, ctx.kv):
+            c = block.candidate(c, k, v, cos, sin)
+        return self.energy_head(self.ln_e(c)).squeeze(-1).float()  # (B, Tc)
+
+    def optim_groups(self, weight_decay: float, lr: float, alpha_lr_mult: float):
+        """AdamW groups: matrices decay; norms/embedding-free vectors don't; alpha on its own."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad or name == "alpha":
+                continue
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0},
+                  {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
+        if self.alpha.requires_grad:
+            groups.append({"params": [self.alpha], "weight_decay": 0.0, "lr_mult": alpha_lr_mult})
+        return groups

@@ -1,0 +1,103 @@
+"""Thinking: refine candidate logits z by descending the energy, z <- base - alpha * dJ/d(.).
+
+One step k (SPEC §3):
+    z      <- z.detach()                                  if detach_refine
+    z      <- z + langevin_noise * N(0, I)                (training, or when asked)
+    p       = softmax(z / tau)
+    J       = sum_t E_t(x, p) - entropy_weight * sum_t H(p_t)
+    g       = dJ/dp  (think_grad=probs|hybrid)  or  dJ/dz  (think_grad=logits)
+    g       = clamp(g, +-think_max_move / alpha)          if think_max_move > 0
+    z_next  = p - alpha*g (probs) | z - alpha*g (logits, hybrid)
+
+Positions never see each other's candidates, so the gradient of the *sum* of energies gives each
+position exactly its own dE_t/dz_t. With create_graph=True the step is differentiable in the
+model parameters: that second-order path is how the energy network learns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoebm.model import EBT, Context
+
+
+@dataclass
+class ThinkOut:
+    z0: torch.Tensor                                 # (B, T, V) initial candidate logits
+    logits: list = field(default_factory=list)       # z_1..z_K, each (B, T, V)
+    energies: list = field(default_factory=list)     # E(z_0)..E(z_{K-1}), each (B, T)
+    final_energy: torch.Tensor | None = None         # E(z_K) (B, T), when asked for
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.logits[-1] if self.logits else self.z0
+
+
+def initial_logits(model: EBT, ctx: Context, n_pos: int, mode: str | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """z_0 for the last n_pos positions: S1 logits, N(0, think_init_std^2) noise or zeros."""
+    cfg = model.cfg
+    mode = mode or cfg.think_init
+    B, dev = ctx.kv[0][0].shape[0], ctx.kv[0][0].device
+    shape = (B, n_pos, cfg.vocab_size)
+    if mode == "s1":
+        return ctx.s1_logits[:, -n_pos:]
+    if mode == "noise":
+        return torch.randn(shape, device=dev, generator=generator) * cfg.think_init_std
+    if mode == "zeros":
+        return torch.zeros(shape, device=dev)
+    raise ValueError(f"unknown think_init={mode!r}: use s1, noise or zeros")
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) per position, written as a function of p itself so dH/dp is exact. (B, T)"""
+    return -(p * p.clamp_min(1e-20).log()).sum(-1)
+
+
+def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_graph: bool = False,
+          noise: float | None = None, lr: float | None = None, random_scale: float = 1.0,
+          accept_lower_energy: bool = False, final_energy: bool = False,
+          generator: torch.Generator | None = None) -> ThinkOut:
+    """Run `steps` think steps from z0 (B, T, V). create_graph=True when the result is trained
+    on (then truncate_refine keeps the graph only on the last step). noise/lr override the
+    model's langevin_noise / alpha (inference); random_scale s draws alpha per token."""
+    cfg = model.cfg
+    tau, lam = cfg.softmax_temperature, cfg.entropy_weight
+    noise = cfg.langevin_noise if noise is None else noise
+    alpha = model.alpha.clamp(min=1e-4) if lr is None else torch.tensor(float(lr), device=z0.device)
+    if random_scale != 1.0:  # per-token alpha ~ U[alpha/s, alpha*s] (B, T, 1)
+        u = torch.rand(z0.shape[:2] + (1,), device=z0.device, generator=generator)
+        alpha = alpha * (1 / random_scale + u * (random_scale - 1 / random_scale))
+    out = ThinkOut(z0=z0)
+    z = z0
+    with torch.enable_grad():  # thinking needs dE/dz even inside no_grad evaluation
+        for k in range(steps):
+            graph = create_graph and (not cfg.truncate_refine or k == steps - 1)
+            if cfg.detach_refine or not z.requires_grad:
+                z = z.detach().requires_grad_(True)
+            if noise > 0:
+                z = z + noise * torch.randn(z.shape, device=z.device, generator=generator)
+            p = torch.softmax(z / tau, dim=-1)  # (B, T, V)
+            E = model.energy(ctx, p, step=k, stopgrad_cand=cfg.mixture_stopgrad)  # (B, T)
+            J = E.sum() - lam * entropy(p).sum() if lam else E.sum()
+            wrt = z if cfg.think_grad == "logits" else p
+            g, = torch.autograd.grad(J, wrt, create_graph=graph)  # (B, T, V)
+            if cfg.think_max_move > 0:  # trust region: no logit moves more than max_move
+                bound = cfg.think_max_move / alpha
+                g = torch.maximum(torch.minimum(g, bound), -bound)
+            base = p if cfg.think_grad == "probs" else z
+            z_next = base - alpha * g
+            if accept_lower_energy:  # keep the step only where it lowers that position's E
+                with torch.no_grad():
+                    E_next = model.energy(ctx, torch.softmax(z_next / tau, -1), step=k)
+                z_next = torch.where((E_next < E).unsqueeze(-1), z_next, z)
+            if not create_graph:  # inference: nothing downstream differentiates through this
+                z_next = z_next.detach()
+            out.energies.append(E if graph else E.detach())
+            out.logits.append(z_next)
+            z = z_next
+        if final_energy:
+            with torch.no_grad():
+                out.final_energy = model.energy(ctx, torch.softmax(z / tau, -1), step=steps)
+    return out
