@@ -12,13 +12,13 @@ import random
 import torch
 import torch.nn.functional as F
 
-from nanoebm.model import EBT
+from nanoebm.model import EBT, at_least_f32
 from nanoebm.think import initial_logits, think
 
 
 def ce(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of logits (B, T, V) against targets (B, T), in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
+    return F.cross_entropy(at_least_f32(logits).flatten(0, 1), y.flatten(), reduction=reduction)
 
 
 def train_think_steps(model: EBT) -> int:

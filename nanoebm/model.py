@@ -36,6 +36,11 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+def at_least_f32(x):
+    """Upcast bf16/fp16 results (autocast) to fp32; leave fp32/fp64 alone."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def rope_tables(n_pos: int, head_dim: int, base: float = 10000.0):
     """cos/sin tables for positions 0..n_pos-1, each (n_pos, head_dim/2)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
@@ -94,7 +99,7 @@ class Attention(nn.Module):
         allowed = torch.ones(Tc, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tc)
         s_ctx = s_ctx.masked_fill(~allowed, float("-inf"))  # hides x_{t+1..}: no target leak
         s_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, Tc, 1)
-        w = torch.cat([s_ctx, s_self], dim=-1).float().softmax(-1).to(q.dtype)  # (B,H,Tc,Tk+1)
+        w = at_least_f32(torch.cat([s_ctx, s_self], dim=-1)).softmax(-1).to(q.dtype)  # (B,H,Tc,Tk+1)
         w = F.dropout(w, self.dropout, self.training)
         y = w[..., :Tk] @ v_ctx + w[..., Tk:] * v  # (B, H, Tc, hd)
         return self._merge(y)
@@ -197,7 +202,7 @@ class EBT(nn.Module):
         for i, block in enumerate(self.blocks):
             x, layer_kv = block.context(x, cos, sin, past.kv[i] if past is not None else None)
             kv.append(layer_kv)
-        s1 = self.s1_head(self.ln_f(x)).float() if self.has_s1 else None  # (B, T, V)
+        s1 = at_least_f32(self.s1_head(self.ln_f(x))) if self.has_s1 else None  # (B, T, V)
         return Context(kv=kv, s1_logits=s1)
 
     def energy(self, ctx: Context, p, step: int = 0, stopgrad_cand: bool = False):
@@ -213,7 +218,7 @@ class EBT(nn.Module):
         cos, sin = self.rope_cos[Tk - Tc + 1:Tk + 1], self.rope_sin[Tk - Tc + 1:Tk + 1]
         for block, (k, v) in zip(self.blocks, ctx.kv):
             c = block.candidate(c, k, v, cos, sin)
-        return self.energy_head(self.ln_e(c)).squeeze(-1).float()  # (B, Tc)
+        return at_least_f32(self.energy_head(self.ln_e(c)).squeeze(-1))  # (B, Tc)
 
     def optim_groups(self, weight_decay: float, lr: float, alpha_lr_mult: float):
         """AdamW groups: matrices decay; norms/embedding-free vectors don't; alpha on its own."""

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny models, Hydra compose helper, a tiny trained checkpoint.
+
+Run everything with `uv run pytest`; a single file with `uv run pytest tests/test_model.py`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoebm.config import ModelConfig, register_configs, rewrite_argv
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = str(REPO / "configs")
+# overrides that make any train.py command tiny and quick
+SMALL = ["train.max_steps=2", "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
+         "data.block_size=16", "data.batch_size=2", "train.eval_iters=1", "train.eval_interval=1000",
+         "train.log_interval=1"]
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=11, block_size=16, dropout=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def compose(*overrides: str, config_name: str = "train"):
+    """Build the typed config exactly as the CLI would (aliases and --key=value included)."""
+    from hydra import compose as hcompose, initialize_config_dir
+    from omegaconf import OmegaConf
+    register_configs()
+    args, _ = rewrite_argv(list(overrides))
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        return OmegaConf.to_object(hcompose(config_name=config_name, overrides=args))
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory) -> Path:
+    """A tiny char model trained for a few dozen steps on shakespeare.txt (shared by tests)."""
+    from train import train
+    out = tmp_path_factory.mktemp("trained")
+    cfg = compose("model.n_layer=2", "model.n_head=2", "model.n_embd=48", "model.dropout=0.0",
+                  "data.block_size=32", "data.batch_size=16", "train.max_steps=120",
+                  "train.learning_rate=3e-3", "train.warmup_iters=10", "train.eval_iters=2",
+                  "train.eval_interval=1000", "train.log_interval=1000", f"out_dir={out}")
+    summary = train(cfg)
+    return Path(summary["run_dir"]) / "final.pt"
