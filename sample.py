@@ -56,7 +56,10 @@ def sample(cfg: SampleConfig) -> list[dict]:
     check_options(cfg)
     path = cfg.checkpoint or latest_checkpoint(cfg.out_dir)
     ckpt = load_checkpoint(path)
-    device = rt.pick_device(cfg.device)
+    try:
+        device = rt.pick_device(cfg.device)
+    except RuntimeError as e:  # e.g. device=cuda on a machine without CUDA
+        raise ValueError(str(e)) from None
     model = model_from_checkpoint(ckpt, device).eval()
     model.requires_grad_(False)  # thinking needs dE/dz only, never weight gradients
     mc = model.cfg
@@ -88,6 +91,8 @@ def sample(cfg: SampleConfig) -> list[dict]:
                 f"{mc.think_init}-initialised z_0 with zero steps (expect noise, not text)")
     decode = (f"sample (temp {cfg.sample_temp:g}, topk {cfg.topk or 'off'}, top_p "
               f"{cfg.sample_top_p or 'off'})" if cfg.sample else "greedy argmax")
+    if not cfg.sample and (cfg.topk or cfg.sample_top_p):
+        decode += " (topk/sample_top_p act only with sample=true)"
     print(f"checkpoint {path} (step {ckpt.get('step', '?')}) | device {device} | vocab "
           f"{mc.vocab_size} | {mode} | {decode} | kv_cache {cfg.kv_cache}")
 

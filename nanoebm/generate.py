@@ -8,7 +8,8 @@ Per new token:
   4. pick a token from the final candidate (argmax, or sample with temperature/top-k/top-p),
   5. extend the cache by that token: one context-stream pass for one position.
 Without the cache (kv_cache=false) step 5 is replaced by re-running the context stream over the
-whole window, which is what the reference implementation does for every token.
+whole window for every token (same tokens, same logits: tests check it). The reference
+implementation does even more: it also re-runs the whole prefix through every think step.
 
 Best-of-N (n_candidates=N): N chains per token, each with its own noise; each chain's final
 energy is measured and the chain with the lowest one is kept (self-verification, SPEC §3).

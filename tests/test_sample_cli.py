@@ -94,7 +94,7 @@ def test_latest_checkpoint_is_newest_by_time_not_name(tmp_path, capsys):
     assert f"checkpoint {new} (step 2)" in capsys.readouterr().out
 
 
-def test_missing_and_corrupt_checkpoints_give_clear_errors(workdir, monkeypatch):
+def test_missing_and_corrupt_checkpoints_give_clear_errors(workdir, monkeypatch, capsys):
     with pytest.raises(SystemExit, match=r"^error: checkpoint not found: nope\.pt"):
         run_cli(["checkpoint=nope.pt"], monkeypatch)
     (workdir / "bad.pt").write_bytes(b"not a checkpoint")
@@ -108,6 +108,12 @@ def test_missing_and_corrupt_checkpoints_give_clear_errors(workdir, monkeypatch)
         run_cli(["sample_top_p=1.5"], monkeypatch)
     with pytest.raises(SystemExit, match=r"^error: n_candidates=3: every chain starts"):
         run_cli(["n_candidates=3"], monkeypatch)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"^error: device=cuda requested but CUDA is not"):
+            run_cli(["device=cuda"], monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        run_cli(["temperature=0.8"], monkeypatch)  # a typo is an error, not ignored
+    assert e.value.code == 1 and "Could not override 'temperature'" in capsys.readouterr().err
 
 
 def test_options_reach_the_output(workdir, capsys):
