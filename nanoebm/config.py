@@ -6,6 +6,7 @@ never needs it: code receives plain dataclass instances.
 """
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -104,6 +105,34 @@ class TrainRunConfig:
     wandb_name: Optional[str] = None
 
 
+@dataclass
+class SampleConfig:
+    checkpoint: Optional[str] = None     # None = the newest finished run under out_dir
+    out_dir: str = "out_ebt"
+    prompt: str = "\n"
+    strict_prompt: bool = True           # false: drop characters the char vocabulary lacks
+    max_new_tokens: int = 200
+    num_samples: int = 1
+    # thinking (SPEC §3); None = what the checkpoint was trained with
+    use_thinking: bool = True            # false: System-1 logits (no S1 head: the z_0 candidate)
+    think_steps: Optional[int] = None    # None = model.think_steps + model.think_steps_random
+    think_lr: Optional[float] = None     # None = the trained alpha
+    think_noise: float = 0.0             # Langevin noise std added before each think step
+    accept_lower_energy: bool = False    # keep a think step only where it lowers the energy
+    n_candidates: int = 1                # best-of-N: N chains per token, lowest final energy wins
+    # decoding
+    sample: bool = False                 # false = argmax (greedy, deterministic)
+    sample_temp: float = 1.0
+    topk: Optional[int] = None           # keep the k most likely tokens (None/0 = all)
+    sample_top_p: Optional[float] = None  # nucleus: smallest set with mass >= p (None = all)
+    seed: int = 1337
+    kv_cache: bool = True
+    device: str = "auto"
+    stream: bool = True                  # print tokens as they are generated
+    tokenizer: Optional[str] = None      # None = from the checkpoint; char | gpt2 | tiktoken name
+    bpe_encoding: Optional[str] = None   # tiktoken encoding for tokenizer=gpt2 (default gpt2)
+
+
 # --------------------------------------------------------------------------------------------
 # command-line shims
 
@@ -128,8 +157,19 @@ HYDRA_FLAGS = {"--config-path", "--config-name", "--config-dir", "--cfg", "--inf
 _BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
 
-def rewrite_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Accept `--key=value` (nanoGPT habit) and legacy option names; return (argv, notes)."""
+def hydra_quote(value: str) -> str:
+    """Quote a free-text value for Hydra's override grammar, which would otherwise read
+    commas as sweeps, brackets as lists and ${..} as interpolations. Inside quotes only a
+    quote, a ${ and backslashes right before those (or at the end) need escaping."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value  # already quoted for Hydra by the user
+    esc = re.sub(r"(\\*)('|\$\{|$)", lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), value)
+    return f"'{esc}'"
+
+
+def rewrite_argv(argv: list[str], verbatim: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """Accept `--key=value` (nanoGPT habit) and legacy option names; keys in `verbatim` (free
+    text such as a prompt) are passed to Hydra as literal strings. Returns (argv, notes)."""
     out, notes = [], []
     for arg in argv:
         if arg.startswith("--") and "=" in arg and arg.split("=", 1)[0] not in HYDRA_FLAGS:
@@ -144,13 +184,15 @@ def rewrite_argv(argv: list[str]) -> tuple[list[str], list[str]]:
                 value = str(not b).lower()
             notes.append(f"note: legacy option {key}={arg.partition('=')[2]} -> {new_key}={value}")
             arg = f"{new_key}={value}"
+        elif eq and key in verbatim:
+            arg = f"{key}={hydra_quote(value)}"
         out.append(arg)
     return out, notes
 
 
-def apply_cli_shims() -> None:
+def apply_cli_shims(verbatim: tuple[str, ...] = ()) -> None:
     """Rewrite sys.argv in place before @hydra.main parses it, printing one note per alias."""
-    sys.argv[1:], notes = rewrite_argv(sys.argv[1:])
+    sys.argv[1:], notes = rewrite_argv(sys.argv[1:], verbatim)
     for n in notes:
         print(n)
 
@@ -160,3 +202,4 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     cs = ConfigStore.instance()
     cs.store(name="base_train", node=TrainRunConfig)
+    cs.store(name="base_sample", node=SampleConfig)

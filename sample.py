@@ -1,0 +1,143 @@
+"""Generate text from a trained EBT, thinking (descending the energy) before every token.
+
+    uv run python sample.py                                   # newest finished run under out_ebt/
+    uv run python sample.py checkpoint=out_ebt/final.pt prompt="HAMLET:" max_new_tokens=500
+    uv run python sample.py use_thinking=false                # System 1 only: the baseline LM
+    uv run python sample.py sample=true sample_temp=0.9 topk=64 sample_top_p=0.95
+    uv run python sample.py n_candidates=4 think_noise=0.5    # best-of-4 by final energy
+
+Options live in nanoebm/config.py (SampleConfig); `python sample.py --cfg job` prints them.
+"""
+from __future__ import annotations
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+
+from nanoebm import runtime as rt
+from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
+from nanoebm.config import SampleConfig, apply_cli_shims, register_configs
+from nanoebm.generate import encode_prompt, generate, resolve_tokenizer
+
+
+def check_options(cfg: SampleConfig) -> None:
+    """Bad values fail before the checkpoint is even loaded."""
+    rules = [(cfg.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
+             (cfg.num_samples >= 1, "num_samples must be >= 1"),
+             (cfg.n_candidates >= 1, "n_candidates must be >= 1"),
+             (cfg.think_steps is None or cfg.think_steps >= 0, "think_steps must be >= 0"),
+             (cfg.think_lr is None or cfg.think_lr > 0, "think_lr must be > 0"),
+             (cfg.think_noise >= 0, "think_noise must be >= 0"),
+             (cfg.topk is None or cfg.topk >= 0, "topk must be >= 0 (0 = off)"),
+             (cfg.sample_top_p is None or 0 < cfg.sample_top_p <= 1, "sample_top_p must be in (0, 1]"),
+             (not cfg.sample or cfg.sample_temp > 0, "sample_temp must be > 0 (for argmax use sample=false)")]
+    for ok, msg in rules:
+        if not ok:
+            raise ValueError(msg)
+
+
+class Printer:
+    """Streams tokens as they come. Decodes the whole continuation each time and prints the new
+    suffix, holding back a trailing partial UTF-8 character (BPE tokens can split one)."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown = tok, [], 0
+
+    def __call__(self, token):  # token: (1,) tensor
+        self.ids.append(int(token[0]))
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            print(text[self.shown:], end="", flush=True)
+            self.shown = len(text)
+
+
+def sample(cfg: SampleConfig) -> list[dict]:
+    """Load, encode the prompt, generate num_samples continuations; print and return them."""
+    check_options(cfg)
+    path = cfg.checkpoint or latest_checkpoint(cfg.out_dir)
+    ckpt = load_checkpoint(path)
+    try:
+        device = rt.pick_device(cfg.device)
+    except RuntimeError as e:  # e.g. device=cuda on a machine without CUDA
+        raise ValueError(str(e)) from None
+    model = model_from_checkpoint(ckpt, device).eval()
+    model.requires_grad_(False)  # thinking needs dE/dz only, never weight gradients
+    mc = model.cfg
+    tok = resolve_tokenizer(ckpt.get("meta"), mc.vocab_size, cfg.tokenizer, cfg.bpe_encoding)
+    ids, dropped = encode_prompt(tok, cfg.prompt, cfg.strict_prompt)
+    if dropped:
+        print(f"warning: dropped prompt characters outside the vocabulary: {dropped!r}")
+    if len(ids) > mc.block_size:
+        print(f"note: prompt is {len(ids)} tokens; the model sees its last {mc.block_size}")
+
+    K = mc.think_steps + mc.think_steps_random if cfg.think_steps is None else cfg.think_steps
+    thinking = cfg.use_thinking and K > 0
+    if cfg.n_candidates > 1:
+        if not thinking:
+            raise ValueError("n_candidates > 1 picks among thinking chains: it needs "
+                             "use_thinking=true and think_steps >= 1")
+        if mc.think_init != "noise" and cfg.think_noise == 0:
+            raise ValueError(f"n_candidates={cfg.n_candidates}: every chain starts from the same "
+                             f"{mc.think_init} logits, so set think_noise > 0 to make them differ")
+    alpha = cfg.think_lr if cfg.think_lr is not None else model.alpha.clamp(min=1e-4).item()
+    if thinking:
+        mode = (f"thinking {K} steps from {mc.think_init} (alpha {alpha:.4g}, noise "
+                f"{cfg.think_noise:g}{', best of %d' % cfg.n_candidates if cfg.n_candidates > 1 else ''}"
+                f"{', accept_lower_energy' if cfg.accept_lower_energy else ''})")
+    elif model.has_s1:
+        mode = "System 1 logits, no thinking" + (" (trained with think_steps=0)" if cfg.use_thinking else "")
+    else:
+        mode = (f"no thinking: this model has no System-1 head, so the candidate is the "
+                f"{mc.think_init}-initialised z_0 with zero steps (expect noise, not text)")
+    decode = (f"sample (temp {cfg.sample_temp:g}, topk {cfg.topk or 'off'}, top_p "
+              f"{cfg.sample_top_p or 'off'})" if cfg.sample else "greedy argmax")
+    if not cfg.sample and (cfg.topk or cfg.sample_top_p):
+        decode += " (topk/sample_top_p act only with sample=true)"
+    print(f"checkpoint {path} (step {ckpt.get('step', '?')}) | device {device} | vocab "
+          f"{mc.vocab_size} | {mode} | {decode} | kv_cache {cfg.kv_cache}")
+
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    results = []
+    for s in range(cfg.num_samples):
+        printer = Printer(tok) if cfg.stream else None
+        if printer:
+            print(tok.decode(ids), end="", flush=True)
+        out = generate(model, idx, cfg.max_new_tokens, kv_cache=cfg.kv_cache, sample=cfg.sample,
+                       sample_temp=cfg.sample_temp, topk=cfg.topk, sample_top_p=cfg.sample_top_p,
+                       generator=gen, on_token=printer, use_thinking=cfg.use_thinking,
+                       think_steps=K, think_lr=cfg.think_lr, think_noise=cfg.think_noise,
+                       accept_lower_energy=cfg.accept_lower_energy, n_candidates=cfg.n_candidates)
+        new = out.tokens[0].tolist()
+        text = tok.decode(ids + new)
+        print("" if printer else text)
+        n = len(new)
+        r = {"text": text, "tokens": new, "tokens_per_s": n / max(out.seconds, 1e-9),
+             "mean_think_steps": out.steps.float().mean().item() if n else 0.0}
+        line = (f"[sample {s + 1}/{cfg.num_samples}] {n} tokens in {out.seconds:.2f}s "
+                f"({r['tokens_per_s']:.1f} tok/s) | mean think steps {r['mean_think_steps']:.2f}")
+        if out.e_init is not None:
+            e0, e1 = out.e_init.mean().item(), out.e_final.mean().item()
+            r.update(energy_before=e0, energy_after=e1, mean_energy_drop=e0 - e1)
+            line += f" | mean energy drop per token {e0 - e1:.4f} (E {e0:.4f} -> {e1:.4f})"
+        else:
+            line += " | energy drop n/a (no thinking)" if n else ""
+        print(line)
+        if s < cfg.num_samples - 1:
+            print("-" * 40)
+        results.append(r)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+def main(cfg) -> None:
+    try:
+        sample(OmegaConf.to_object(cfg))
+    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    apply_cli_shims(verbatim=("prompt",))  # a prompt is free text: commas etc. are literal
+    register_configs()
+    main()
