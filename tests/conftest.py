@@ -13,7 +13,7 @@ import torch
 from nanoebm.config import ModelConfig, register_configs, rewrite_argv
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models gain nothing from threads; avoids oversubscription
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = str(REPO / "configs")
 # overrides that make any train.py command tiny and quick
