@@ -45,7 +45,8 @@ def build_model(cfg: TrainRunConfig, vocab_size: int) -> EBT:
                          f"{cfg.data.block_size}: raise it or leave it at 0")
     for name, allowed in (("think_init", ("s1", "noise", "zeros")),
                           ("think_grad", ("probs", "logits", "hybrid")),
-                          ("contrastive_type", ("cd", "pcd", "fast_pcd"))):
+                          ("contrastive_type", ("cd", "pcd", "fast_pcd")),
+                          ("think_loss", ("mean", "last", "linear"))):
         if getattr(mc, name) not in allowed:
             raise ValueError(f"model.{name}={getattr(mc, name)!r}: choose one of {allowed}")
     mc = dataclasses.replace(mc, vocab_size=vocab_size, block_size=mc.block_size or cfg.data.block_size)

@@ -41,6 +41,11 @@ class ModelConfig:
     entropy_weight: float = 0.0
     mixture_stopgrad: bool = False
     aux_ce_weight: float = 1.0   # weight of CE on the System-1 logits
+    # recipe knobs: what decides whether steps 2+ pay (see README "Does thinking help?")
+    think_loss: str = "mean"     # CE over steps: mean | last | linear (weight k+1 on step k+1)
+    think_improve_weight: float = 0.0  # + w * mean_t relu(CE_{k+1,t} - CE_{k,t}): no step may hurt
+    think_normalize_grad: bool = False  # g <- g / rms_V(g) per position: alpha = RMS logit move
+    think_lr_per_step: bool = False     # one alpha per think step (steps past K reuse the last)
     # contrastive energy shaping (SPEC §4)
     use_contrastive: bool = False
     contrastive_type: str = "cd"  # cd | pcd | fast_pcd

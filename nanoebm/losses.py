@@ -21,6 +21,15 @@ def ce(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.
     return F.cross_entropy(at_least_f32(logits).flatten(0, 1), y.flatten(), reduction=reduction)
 
 
+def step_weighted(ces: list, how: str) -> torch.Tensor:
+    """Combine the per-step CEs: mean (SPEC default), last only, or linear weights 1..K."""
+    if how == "last":
+        return ces[-1]
+    w = torch.arange(1, len(ces) + 1, dtype=torch.float32) if how == "linear" else torch.ones(len(ces))
+    w = (w / w.sum()).tolist()
+    return sum(wk * c for wk, c in zip(w, ces))
+
+
 def train_think_steps(model: EBT) -> int:
     """K for this batch: think_steps, or K..K+r drawn once per batch (think_steps_random=r)."""
     cfg = model.cfg
@@ -44,9 +53,13 @@ def ebt_loss(model: EBT, x: torch.Tensor, y: torch.Tensor, *, want_metrics: bool
     scale = cfg.think_lr_random_scale if model.training else 1.0
     out = think(model, ctx, z0, K, create_graph=model.training, random_scale=scale,
                 final_energy=want_metrics)
-    ces = [ce(z, y) for z in out.logits]  # CE after each step
-    main = ces[-1] if cfg.truncate_refine else torch.stack(ces).mean()
-    loss = main
+    tok_ces = [ce(z, y, reduction="none") for z in out.logits]  # per-token CE after each step
+    ces = [c.mean() for c in tok_ces]
+    loss = step_weighted(ces, "last" if cfg.truncate_refine else cfg.think_loss)
+    if cfg.think_improve_weight > 0:  # penalise any token a step makes worse than its start
+        prev = [ce(z0, y, reduction="none")] + tok_ces[:-1]
+        hurt = torch.stack([(c - p.detach()).relu().mean() for c, p in zip(tok_ces, prev)]).mean()
+        loss = loss + cfg.think_improve_weight * hurt
     if loss_s1 is not None and cfg.aux_ce_weight > 0:
         loss = loss + cfg.aux_ce_weight * loss_s1
     if cfg.use_contrastive:

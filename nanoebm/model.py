@@ -167,8 +167,8 @@ class EBT(nn.Module):
         self.ln_f = RMSNorm(D) if self.has_s1 else None
         self.s1_head = nn.Linear(D, V, bias=False) if self.has_s1 else None
         # alpha, the think step size; learnable when think_lr_learnable (own optimizer group)
-        self.alpha = nn.Parameter(torch.tensor(float(cfg.think_lr)),
-                                  requires_grad=cfg.think_lr_learnable)
+        alpha = torch.full((n_step,) if cfg.think_lr_per_step else (), float(cfg.think_lr))
+        self.alpha = nn.Parameter(alpha, requires_grad=cfg.think_lr_learnable)
         cos, sin = rope_tables(cfg.block_size + 1, D // cfg.n_head)  # +1: candidates sit at t+1
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -65,10 +65,11 @@ def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_grap
     cfg = model.cfg
     tau, lam = cfg.softmax_temperature, cfg.entropy_weight
     noise = cfg.langevin_noise if noise is None else noise
-    alpha = model.alpha.clamp(min=1e-4) if lr is None else torch.tensor(float(lr), device=z0.device)
+    alphas = model.alpha.clamp(min=1e-4) if lr is None else torch.tensor(float(lr), device=z0.device)
+    scale = 1.0
     if random_scale != 1.0:  # per-token alpha ~ U[alpha/s, alpha*s] (B, T, 1)
         u = torch.rand(z0.shape[:2] + (1,), device=z0.device, generator=generator)
-        alpha = alpha * (1 / random_scale + u * (random_scale - 1 / random_scale))
+        scale = 1 / random_scale + u * (random_scale - 1 / random_scale)
     out = ThinkOut(z0=z0)
     z = z0
     with torch.enable_grad():  # thinking needs dE/dz even inside no_grad evaluation
@@ -83,6 +84,9 @@ def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_grap
             J = E.sum() - lam * entropy(p).sum() if lam else E.sum()
             wrt = z if cfg.think_grad == "logits" else p
             g, = torch.autograd.grad(J, wrt, create_graph=graph)  # (B, T, V)
+            alpha = (alphas[min(k, alphas.numel() - 1)] if alphas.dim() else alphas) * scale
+            if cfg.think_normalize_grad:  # fixed-size steps: the landscape sets only the direction
+                g = g / (g.pow(2).mean(-1, keepdim=True).sqrt() + 1e-8)
             if cfg.think_max_move > 0:  # trust region: no logit moves more than max_move
                 bound = cfg.think_max_move / alpha
                 g = torch.maximum(torch.minimum(g, bound), -bound)
