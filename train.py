@@ -123,20 +123,26 @@ def train(cfg: TrainRunConfig) -> dict:
                          "meta": data.meta, "step": step_done, "rng": states}, path)
         return path
 
+    last_eval, t0, t_last = {}, time.time(), time.time()
+    eval_s = [0.0]  # time spent evaluating, excluded from elapsed_s (training wall-clock)
+
     def evaluate(step_now: int) -> dict:
+        t_eval = time.time()
         curve = thinking_curve(model, val_batches, eval_steps, seed=tc.seed, autocast=autocast)
         m = curve_metrics(curve, data.bits_name)
         if not math.isfinite(m["val_loss"]):
             raise TrainingDiverged(f"val loss is {m['val_loss']} at step {step_now}")
         if master:
-            log.write({"step": step_now, **m})
+            log.write({"step": step_now, "elapsed_s": t_eval - t0 - eval_s[0], **m})
             s1 = f" | S1 {m['val_loss_s1']:.4f}" if "val_loss_s1" in m else ""
             ks = " ".join(f"{v:.3f}" for v in curve["loss_k"])
             print(f"eval step {step_now}: val_loss {m['val_loss']:.4f} | val_{data.bits_name} "
                   f"{m['val_' + data.bits_name]:.4f}{s1} | val_loss by think step k=0..: {ks}")
+        nonlocal t_last
+        eval_s[0] += time.time() - t_eval
+        t_last += time.time() - t_eval  # tokens/s counts training time only
         return m
 
-    last_eval, t0, t_last = {}, time.time(), time.time()
     start_step = step
     try:
         while True:
@@ -171,7 +177,8 @@ def train(cfg: TrainRunConfig) -> dict:
                 tok_s = B * T * accum * world * n_steps / max(dt, 1e-9)
                 eta = (time.time() - t0) / (step - start_step) * (tc.max_steps - step)
                 ce_think = (m["ce_think"] if "ce_think" in m else m["ce_s1"]).item()
-                row = {"step": step, "loss": loss.item(), "ce": ce_think, "ppl": math.exp(min(ce_think, 50)),
+                row = {"step": step, "elapsed_s": time.time() - t0 - eval_s[0], "loss": loss.item(),
+                       "ce": ce_think, "ppl": math.exp(min(ce_think, 50)),
                        data.bits_name: ce_think / math.log(2), "lr": lr,
                        "alpha": model.alpha.item(), "tokens_per_s": tok_s,
                        **{k: v.item() for k, v in m.items() if k != "ce_think"}}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, List, Optional
 
 
 @dataclass
@@ -138,6 +138,23 @@ class SampleConfig:
     bpe_encoding: Optional[str] = None   # tiktoken encoding for tokenizer=gpt2 (default gpt2)
 
 
+@dataclass
+class CompareConfig:
+    suite: str = "recipes"       # name of the results files (configs/suite/<suite>.yaml sets it)
+    base: List[str] = field(default_factory=list)   # train.py overrides shared by every run
+    runs: Dict[str, List[str]] = field(default_factory=dict)  # run name -> its overrides
+    only: List[str] = field(default_factory=list)   # run just these names (empty = all)
+    seeds: List[int] = field(default_factory=lambda: [1337])
+    eval_steps: List[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
+    eval_iters: int = 50         # fixed val batches, identical for every run
+    eval_seed: int = 2024
+    n_candidates: int = 4        # best-of-N at the trained step count (1 = off)
+    bon_noise: float = 0.5       # Langevin noise that makes the N chains differ
+    jobs: int = 1                # runs trained in parallel (processes)
+    threads: int = 1             # torch threads per run
+    out_dir: str = "results"
+
+
 # --------------------------------------------------------------------------------------------
 # command-line shims
 
@@ -207,4 +224,5 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     cs = ConfigStore.instance()
     cs.store(name="base_train", node=TrainRunConfig)
+    cs.store(name="base_compare", node=CompareConfig)
     cs.store(name="base_sample", node=SampleConfig)

@@ -50,6 +50,29 @@ def thinking_curve(model: EBT, batches, steps: int, *, seed: int = 0, autocast=N
     return res
 
 
+@torch.no_grad()
+def best_of_n_loss(model: EBT, batches, steps: int, n: int, noise: float, *, seed: int = 0) -> float:
+    """Self-verification: n noisy chains of `steps` steps from the same start; per position keep
+    the chain whose final energy is lowest; mean CE of the kept candidates."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i, (x, y) in enumerate(batches):
+        gen = torch.Generator(device=x.device).manual_seed(seed + i)
+        ctx = model.context(x)
+        z0 = initial_logits(model, ctx, x.shape[1], generator=gen)
+        finals, energies = [], []
+        for _ in range(n):
+            out = think(model, ctx, z0, steps, noise=noise, final_energy=True, generator=gen)
+            finals.append(out.final)
+            energies.append(out.final_energy)
+        pick = torch.stack(energies).argmin(0)  # (B, T): lowest-energy chain per position
+        z = torch.stack(finals).gather(0, pick[None, ..., None].expand(1, *finals[0].shape))[0]
+        total += ce(z, y).item() / len(batches)
+    model.train(was_training)
+    return total
+
+
 def curve_metrics(curve: dict, bits_name: str, prefix: str = "val_") -> dict:
     """Flatten a thinking curve into log keys: val_loss (after thinking), val_perplexity,
     val_bpb|val_bpt, the S1 versions, and val_loss_k{k} / val_{bits}_k{k} for every k."""

@@ -1,0 +1,159 @@
+"""Train a suite of runs with identical seed, data order and step budget, then score every run on
+the same fixed val windows: the thinking curve (val loss at inference think steps k), best-of-N,
+train ms/step, wall-clock, the learned alpha. Writes results/<suite>.json, a markdown table and
+plots.
+
+    uv run python compare.py suite=recipes jobs=2          # the thinking-recipe search
+    uv run python compare.py suite=compare                 # EBT vs Transformer (results)
+    uv run python compare.py suite=recipes "only=[r0_baseline,r1_default]" seeds=[1,2]
+
+A suite (configs/suite/*.yaml) is a base list of train.py overrides plus named runs, each its
+own override list; anything train.py accepts works there.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import hydra
+from omegaconf import OmegaConf
+
+from nanoebm.config import CompareConfig, apply_cli_shims, register_configs
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+
+
+def compose_train(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        return OmegaConf.to_object(compose(config_name="train", overrides=overrides))
+
+
+def run_one(job: dict) -> dict:
+    """Train one run (in a worker process) and score it. Returns a JSON-able record."""
+    import torch
+    torch.set_num_threads(job["threads"])
+    from nanoebm.checkpoint import load_checkpoint, model_from_checkpoint
+    from nanoebm.data import load_data
+    from nanoebm.evaluate import best_of_n_loss, thinking_curve
+    from train import train
+
+    cfg = compose_train(job["overrides"])
+    t0 = time.time()
+    summary = train(cfg)
+    wall = time.time() - t0
+    run_dir = Path(summary["run_dir"])
+    model = model_from_checkpoint(load_checkpoint(run_dir / "final.pt")).eval()
+    data = load_data(cfg.data)
+    # the same windows for every run of the suite, whatever its training seed
+    g = torch.Generator().manual_seed(job["eval_seed"])
+    B, T = cfg.data.batch_size, cfg.data.block_size
+    batches = [data.get_batch("val", B, T, g) for _ in range(job["eval_iters"])]
+    trained_k = model.cfg.think_steps + model.cfg.think_steps_random
+    ks = sorted(set(job["eval_steps"]) | {trained_k}) if trained_k else [0]
+    curve = thinking_curve(model, batches, max(ks), seed=job["eval_seed"])
+    rec = {"name": job["name"], "seed": job["seed"], "overrides": job["overrides"],
+           "params": model.num_params(), "steps": summary["step"], "wall_s": wall,
+           "trained_k": trained_k, "alpha": model.alpha.detach().flatten().tolist(),
+           "val_loss_k": {k: curve["loss_k"][k] for k in ks},
+           "val_loss_s1": curve.get("loss_s1"), "run_dir": str(run_dir)}
+    if trained_k and job["n_candidates"] > 1:
+        rec["val_loss_bon"] = best_of_n_loss(model, batches, trained_k, job["n_candidates"],
+                                             job["bon_noise"], seed=job["eval_seed"])
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tok_s = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # skip warm-up row
+    rec["tokens_per_s"] = statistics.median(tok_s) if tok_s else None
+    rec["ms_per_step"] = 1000 * B * T * cfg.train.grad_accum_steps / rec["tokens_per_s"] if tok_s else None
+    rec["history"] = [{"step": r["step"], "elapsed_s": r.get("elapsed_s"), "val_loss": r["val_loss"]}
+                      for r in rows if "val_loss" in r]
+    return rec
+
+
+def table(records: list[dict], bits: str = "bpb") -> str:
+    """Markdown: one row per run (mean over seeds), val CE (nats) at each k, BoN, cost."""
+    ks = sorted({int(k) for r in records for k in r["val_loss_k"]})
+    by = {}
+    for r in records:
+        by.setdefault(r["name"], []).append(r)
+    head = ["run", "seeds", "S1"] + [f"k={k}" for k in ks] + ["BoN", "ms/step", "alpha", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    for name, rs in by.items():
+        cells = [name, ",".join(str(r["seed"]) for r in rs)]
+        s1 = [r["val_loss_s1"] for r in rs if r.get("val_loss_s1") is not None]
+        cells.append(f"{mean(s1):.4f}" if s1 else "–")
+        for k in ks:
+            v = [r["val_loss_k"][k] for r in rs if k in r["val_loss_k"]]
+            cells.append(f"{mean(v):.4f}" if v else "–")
+        bon = [r["val_loss_bon"] for r in rs if "val_loss_bon" in r]
+        cells.append(f"{mean(bon):.4f}" if bon else "–")
+        ms = [r["ms_per_step"] for r in rs if r["ms_per_step"]]
+        cells += [f"{mean(ms):.0f}" if ms else "–",
+                  "/".join(f"{a:.3g}" for a in rs[0]["alpha"]), f"{mean([r['wall_s'] for r in rs]):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if any(len(rs) > 1 for rs in by.values()):  # run-to-run noise: spread of the final val loss
+        for name, rs in by.items():
+            if len(rs) > 1:
+                fin = [r["val_loss_k"][max(r["val_loss_k"])] for r in rs]
+                lines.append(f"\n{name}: final val CE over seeds {', '.join(f'{f:.4f}' for f in fin)}"
+                             f" (spread {max(fin) - min(fin):.4f})")
+    return "\n".join(lines)
+
+
+def plots(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for r in records:
+        lab = f"{r['name']} s{r['seed']}"
+        h = r["history"]
+        ax[0].plot([x["step"] for x in h], [x["val_loss"] / math.log(2) for x in h], label=lab)
+        if all(x["elapsed_s"] is not None for x in h):
+            ax[1].plot([x["elapsed_s"] for x in h], [x["val_loss"] / math.log(2) for x in h], label=lab)
+        if r["trained_k"]:
+            ks = sorted(r["val_loss_k"])
+            ax[2].plot(ks, [r["val_loss_k"][k] / math.log(2) for k in ks], "o-", label=lab)
+    for a, xl in zip(ax, ("train step", "wall-clock s", "inference think steps k")):
+        a.set_xlabel(xl)
+        a.set_ylabel("val bits per token")
+        a.grid(alpha=0.3)
+    ax[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    print(f"wrote {path}")
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="compare")
+def main(cfg) -> None:
+    cc: CompareConfig = OmegaConf.to_object(cfg)
+    names = [n for n in cc.runs if not cc.only or n in cc.only]
+    if cc.only and set(cc.only) - set(cc.runs):
+        raise SystemExit(f"error: only= names not in suite {cc.suite}: {sorted(set(cc.only) - set(cc.runs))}")
+    out = Path(cc.out_dir)
+    jobs = [{"name": n, "seed": s, "threads": max(1, cc.threads),
+             "overrides": [*cc.base, *cc.runs[n], f"train.seed={s}", f"out_dir={out / 'runs' / f'{n}_s{s}'}"],
+             "eval_seed": cc.eval_seed, "eval_iters": cc.eval_iters, "eval_steps": list(cc.eval_steps),
+             "n_candidates": cc.n_candidates, "bon_noise": cc.bon_noise}
+            for s in cc.seeds for n in names]
+    with ProcessPoolExecutor(max_workers=cc.jobs, mp_context=get_context("spawn")) as ex:
+        records = list(ex.map(run_one, jobs))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{cc.suite}.json").write_text(json.dumps(records, indent=1))
+    md = table(records)
+    (out / f"{cc.suite}.md").write_text(md + "\n")
+    print(md)
+    plots(records, out / f"{cc.suite}.png")
+    print(f"wrote {out / f'{cc.suite}.json'} and {out / f'{cc.suite}.md'}")
+
+
+if __name__ == "__main__":
+    apply_cli_shims()
+    register_configs()
+    main()

@@ -1,0 +1,36 @@
+"""compare.py end to end at a tiny size: every run trained and scored on the same windows.
+
+    uv run pytest tests/test_compare.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO, SMALL
+
+
+def test_compare_suite_runs_and_writes_results(tmp_path):
+    # list items containing '=' must be quoted in Hydra's override grammar
+    base = "[" + ",".join(f"'{s}'" for s in SMALL if not s.startswith("train.max_steps")) + ",'train.max_steps=3']"
+    r = subprocess.run(
+        [sys.executable, str(REPO / "compare.py"), "suite=recipes", "only=[r0_baseline,r1_default,r8_randsteps]",
+         f"base={base}", "eval_iters=2", "eval_steps=[0,1,2,4]", "n_candidates=2", "seeds=[1,2]",
+         f"out_dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "WANDB_MODE": "disabled"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = json.loads((tmp_path / "thinking_recipes.json").read_text())
+    assert sorted((x["name"], x["seed"]) for x in recs) == [
+        (n, s) for n in ("r0_baseline", "r1_default", "r8_randsteps") for s in (1, 2)]
+    by = {(x["name"], x["seed"]): x for x in recs}
+    assert list(by["r0_baseline", 1]["val_loss_k"]) == ["0"]  # the baseline has no think steps
+    assert list(by["r1_default", 1]["val_loss_k"]) == ["0", "1", "2", "4"]
+    assert list(by["r8_randsteps", 1]["val_loss_k"]) == ["0", "1", "2", "4"]  # trained K+r = 4
+    assert "val_loss_bon" in by["r1_default", 2] and by["r1_default", 2]["ms_per_step"] > 0
+    # scored on identical windows: the S1 loss of an untrained-equal model would match; here
+    # just check the two seeds really trained differently
+    assert by["r1_default", 1]["val_loss_k"]["0"] != by["r1_default", 2]["val_loss_k"]["0"]
+    md = (tmp_path / "thinking_recipes.md").read_text()
+    assert "| r1_default | 1,2 |" in md and "spread" in md
+    assert (tmp_path / "thinking_recipes.png").stat().st_size > 5000
