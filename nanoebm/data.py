@@ -1,12 +1,10 @@
 """Data: a token stream per split and random (x, y) windows from it.
 
-Two tokenizers, two kinds of source:
-* `data.tokenizer=char`: the vocabulary is the sorted set of the corpus' characters (stored in
-  the checkpoint `meta`, so sampling decodes with exactly the training vocabulary).
+* `data.tokenizer=char`: vocabulary = the corpus' sorted characters, stored in the checkpoint.
 * `data.tokenizer=gpt2`: tiktoken BPE; `data.bpe_encoding` is an encoding name (`gpt2`) or the
   path of a `.tiktoken` rank file (offline / custom vocabularies). Documents are EOT-separated.
 * `data.data_path`: a UTF-8 text file, or a folder of parquet shards with a `text` column
-  (FineWeb-Edu from download_data.py), `data.max_shards` of them in sorted order.
+  (FineWeb-Edu from download_data.py), the first `data.max_shards` of them in sorted order.
 
 Large corpora are tokenised once, streaming (RAM does not grow with the corpus), into a token
 cache (`tokens.bin`, uint16 when the vocabulary fits, and `meta.json`) inside the shard folder /
@@ -39,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EOT = "<|endoftext|>"
 GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 CACHE_VERSION = 1
+THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve_path(path: str) -> Path:
@@ -153,7 +152,12 @@ def tokenizer_from_meta(meta: dict, bpe_encoding: str | None = None):
     if kind == "char":
         return CharTokenizer(list(meta["chars"]))
     if kind == "bpe":
-        tok = load_bpe(bpe_encoding or meta["encoding"])
+        try:
+            tok = load_bpe(bpe_encoding or meta["encoding"])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"BPE rank file {bpe_encoding or meta['encoding']} (the "
+                                    "checkpoint's encoding) is missing: restore it or pass its "
+                                    "new path") from None
         if tok.sha256 != meta["sha256"]:
             raise ValueError(f"BPE encoding {tok.source!r} (sha256 {tok.sha256[:12]}) is not the "
                              f"one the checkpoint was trained with ({meta['encoding']!r}, sha256 "
@@ -299,8 +303,11 @@ def char_vocab(sources: list[Path]) -> list[str]:
 def encode_texts(tok, texts: list[str], is_docs: bool, pool: ThreadPoolExecutor,
                  dtype=np.uint32) -> np.ndarray:
     """Token ids of a batch. BPE docs are prefixed with EOT, char docs with a newline."""
-    if isinstance(tok, BPETokenizer):  # tiktoken releases the GIL: threads run in parallel
-        arrs = pool.map(lambda t: tok.enc.encode_to_numpy(t, disallowed_special=()), texts)
+    if isinstance(tok, BPETokenizer):  # tiktoken releases the GIL: threads run in parallel,
+        k = max(1, -(-len(texts) // THREADS))  # one contiguous slice of the batch per thread
+        enc = lambda ts: [tok.enc.encode_to_numpy(t, disallowed_special=()) for t in ts]  # noqa: E731
+        arrs = [a for part in pool.map(enc, [texts[i:i + k] for i in range(0, len(texts), k)])
+                for a in part]
         sep = np.array([tok.eot], dtype=np.uint32)
     else:
         table = np.array([ord(c) for c in tok.chars])  # sorted code points, position = id
@@ -323,7 +330,7 @@ def build_cache(out: Path, tok, sources: list[Path], verbose: bool) -> None:
                          "data.cache_dir=DIR to a writable folder") from None
     offsets, n, t0 = [], 0, time.time()
     try:
-        with open(tmp / "tokens.bin", "wb") as f, ThreadPoolExecutor(os.cpu_count() or 1) as pool, \
+        with open(tmp / "tokens.bin", "wb") as f, ThreadPoolExecutor(THREADS) as pool, \
                 tqdm(sources, desc="tokenising", unit="file", disable=not verbose) as bar:
             for src in bar:
                 offsets.append(n)
@@ -350,12 +357,6 @@ def build_cache(out: Path, tok, sources: list[Path], verbose: bool) -> None:
         print(f"data: tokenised {n:,} tokens in {dt:.1f}s ({n / max(dt, 1e-9):,.0f} tok/s) -> {out}")
 
 
-def wait_for_cache(out: Path) -> None:
-    """Non-zero local ranks under DDP: local rank 0 builds the cache; poll until it appears."""
-    while not (out / "meta.json").exists():
-        time.sleep(1.0)
-
-
 def load_cached(cfg: DataConfig, path: Path, sources: list[Path], tok, rank_builds: bool,
                 verbose: bool):
     """(tokens memmap, per-source start offsets, tokenizer), building the cache if needed.
@@ -365,9 +366,13 @@ def load_cached(cfg: DataConfig, path: Path, sources: list[Path], tok, rank_buil
     if not (out / "meta.json").exists():
         if rank_builds:
             build_cache(out, tok or CharTokenizer(char_vocab(sources)), sources, verbose)
-        else:
-            wait_for_cache(out)
+        while not (out / "meta.json").exists():  # DDP: local rank 0 builds, the others wait
+            time.sleep(1.0)
     meta = json.loads((out / "meta.json").read_text())
+    size = np.dtype(meta["dtype"]).itemsize * meta["n_tokens"]
+    if (out / "tokens.bin").stat().st_size != size:  # damaged (e.g. disk full): rebuild it
+        shutil.rmtree(out)
+        return load_cached(cfg, path, sources, tok, rank_builds, verbose)
     tok = tok or CharTokenizer(meta["tokenizer"]["chars"])
     tokens = np.memmap(out / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
     if verbose:

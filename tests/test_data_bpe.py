@@ -119,6 +119,8 @@ def test_rank_file_tokenizer_meta_and_mismatch(rank_file, ranks, tmp_path):
         D.tokenizer_from_meta(meta, bpe_encoding=str(copy))
     with pytest.raises(FileNotFoundError, match="rank file not found"):
         D.load_bpe(str(tmp_path / "nope.tiktoken"))
+    with pytest.raises(FileNotFoundError, match="checkpoint's encoding"):  # moved/deleted
+        D.tokenizer_from_meta({**meta, "encoding": str(tmp_path / "gone.tiktoken")})
 
 
 def test_named_encoding_hash_is_content_and_offline_error(ranks, rank_file, monkeypatch):
@@ -171,6 +173,12 @@ def test_cache_built_once_reused_and_invalidated(rank_file, tmp_path, monkeypatc
     write_shards(tmp_path / "fw", 2, seed=5)  # shard contents change: rebuilt again
     D.load_data(DataConfig(**{**cfg.__dict__, "max_shards": 2}))
     assert len(calls) > n_two
+    n_three, val = len(calls), np.array(data.val)
+    del data, again  # no access to a mapping of a file that is cut short (SIGBUS)
+    with open(cache / "tokens.bin", "r+b") as f:  # a damaged cache (e.g. disk full) is rebuilt
+        f.truncate(100)
+    np.testing.assert_array_equal(D.load_data(cfg).val, val)
+    assert len(calls) > n_three
 
 
 def test_uint32_cache_for_large_vocab(tmp_path):
