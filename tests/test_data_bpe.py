@@ -257,6 +257,25 @@ def test_ddp_ranks_read_disjoint_slices(rank_file, tmp_path):
     np.testing.assert_array_equal(parts[2].val, full.val)  # everyone evaluates on the same val
 
 
+def test_ddp_other_local_ranks_wait_for_rank0_cache(rank_file, tmp_path, monkeypatch):
+    import threading
+    write_shards(tmp_path / "fw", 2)
+    cfg = DataConfig(data_path=str(tmp_path / "fw"), tokenizer="gpt2", bpe_encoding=str(rank_file),
+                     block_size=16)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(r1=D.load_data(cfg, rank=1, world=2)))
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive() and not list((tmp_path / "fw").glob("*.tokcache*"))  # not building
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    r0 = D.load_data(cfg, rank=0, world=2)  # local rank 0 builds; rank 1 then maps the same file
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+    np.testing.assert_array_equal(np.concatenate([r0.train, got["r1"].train]),
+                                  D.load_data(cfg).train)
+
+
 def test_memory_flat_as_shards_grow(rank_file, tmp_path):
     """Building the cache for 2 vs 8 shards (4x the tokens) in fresh processes: the peak of
     Python + numpy allocations (tracemalloc, exact) and the peak RSS (kernel VmHWM, reset after
