@@ -21,9 +21,9 @@ import tiktoken
 import torch
 
 import nanoebm.data as D
-from nanoebm.config import DataConfig, TrainRunConfig, register_configs, rewrite_argv
+from nanoebm.config import DataConfig
+from tests.conftest import REPO, SMALL, compose
 
-REPO = Path(__file__).resolve().parent.parent
 TEXT = (REPO / "shakespeare.txt").read_text()
 LINES = TEXT.splitlines()
 
@@ -308,22 +308,13 @@ def test_memory_flat_as_shards_grow(rank_file, tmp_path):
 
 
 # -------------------------------------------------------------------- training end to end
-def compose_train(overrides: list[str]) -> TrainRunConfig:
-    from hydra import compose, initialize
-    from omegaconf import OmegaConf
-    register_configs()
-    argv, _ = rewrite_argv(overrides)  # legacy names of the seed commands
-    with initialize(version_base="1.3", config_path="../configs"):
-        return OmegaConf.to_object(compose("train", overrides=argv))
-
-
-TINY = ["train.max_steps=2", "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
-        "data.block_size=16", "data.batch_size=2", "train.eval_iters=1", "train.log_interval=1",
-        "train.warmup_iters=0", "train.device=cpu"]
+TINY = [*SMALL, "train.device=cpu"]
 
 
 def test_train_bpe_end_to_end(rank_file, tmp_path, monkeypatch):
-    from nanoebm.checkpoint import load_checkpoint, model_from_checkpoint
+    import sample as sample_script
+    from nanoebm.checkpoint import load_checkpoint
+    from nanoebm.config import SampleConfig
     from train import train
     monkeypatch.setenv("WANDB_MODE", "disabled")
     write_shards(tmp_path / "fw", 3)
@@ -331,7 +322,7 @@ def test_train_bpe_end_to_end(rank_file, tmp_path, monkeypatch):
     args = [f"data.data_path={tmp_path / 'fw'}", "data.tokenizer=gpt2",
             f"data.bpe_encoding={rank_file}", f"out_dir={tmp_path / 'out'}", *TINY,
             "model.think_steps=1"]
-    summary = train(compose_train(args))
+    summary = train(compose(*args))
     assert "val_bpt" in summary and np.isfinite(summary["val_bpt"])
     rows = [json.loads(r) for r in (summary["run_dir"] / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
@@ -339,15 +330,14 @@ def test_train_bpe_end_to_end(rank_file, tmp_path, monkeypatch):
     ckpt = load_checkpoint(summary["run_dir"] / "final.pt")
     tok = D.load_bpe(str(rank_file))
     assert ckpt["meta"] == tok.meta  # path + sha256 of the encoding
-    prompt_tok = D.tokenizer_from_meta(ckpt["meta"])  # what sample.py does with a prompt
-    ids = prompt_tok.encode("ROMEO: the king")
-    assert ids == tok.enc.encode_ordinary("ROMEO: the king")
-    model = model_from_checkpoint(ckpt)
-    logits = model.context(torch.tensor([ids])).s1_logits  # (1, T, V)
-    assert logits.shape == (1, len(ids), tok.vocab_size)
-    assert isinstance(prompt_tok.decode(logits[0].argmax(-1).tolist()), str)
+    prompt = "ROMEO: the king"
+    assert D.tokenizer_from_meta(ckpt["meta"]).encode(prompt) == tok.enc.encode_ordinary(prompt)
+    (res,) = sample_script.sample(SampleConfig(checkpoint=str(summary["run_dir"] / "final.pt"),
+                                               prompt=prompt, max_new_tokens=4, device="cpu"))
+    assert res["text"] == tok.decode(tok.encode(prompt) + res["tokens"])  # same encoding
+    assert res["text"].startswith(prompt) and len(res["tokens"]) == 4
     n_built = len(calls)
-    train(compose_train(args + ["train.max_steps=0"]))  # a second run: start-up + one eval
+    train(compose(*args, "train.max_steps=0"))  # a second run: start-up + one eval
     assert len(calls) == n_built, "second run re-tokenised"  # the cache was reused
 
 
@@ -367,7 +357,7 @@ def test_seed_commands_with_fixture_shards(seed_cmd, ranks, tmp_path, monkeypatc
                             special_tokens={D.EOT: len(ranks)})
     monkeypatch.setitem(tiktoken.registry.ENCODINGS, "gpt2", enc)
     write_shards(tmp_path / "data" / "openfineweb", 3)
-    summary = train(compose_train(seed_cmd.split() + TINY + [f"out_dir={tmp_path / 'out'}"]))
+    summary = train(compose(*seed_cmd.split(), *TINY, f"out_dir={tmp_path / 'out'}"))
     assert summary["step"] == 2 and "val_bpt" in summary
 
 
@@ -396,8 +386,8 @@ def test_seed_command_fails_clearly_without_data_or_encoding(tmp_path):
 
 
 def test_presets_match_seed_commands():
-    seed = compose_train(["data.data_path=~/data/openfineweb", "data.tokenizer=gpt2",
-                          "data.max_shards=10"]).data
-    assert compose_train(["data=fineweb_edu"]).data == seed
-    exp = compose_train(["experiment=fineweb_gpt2"])
+    seed = compose("data.data_path=~/data/openfineweb", "data.tokenizer=gpt2",
+                   "data.max_shards=10").data
+    assert compose("data=fineweb_edu").data == seed
+    exp = compose("experiment=fineweb_gpt2")
     assert exp.data == seed and (exp.train.eval_interval, exp.train.eval_iters) == (1000, 50)
