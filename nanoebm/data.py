@@ -228,9 +228,9 @@ def list_sources(path: Path, max_shards: int | None) -> list[Path]:
             raise ValueError("data.max_shards applies to a folder of parquet shards, but "
                              f"data.data_path={path} is a file: drop data.max_shards")
         return [path]
-    raise FileNotFoundError(f"data.data_path {path} does not exist: for FineWeb-Edu run `python "
-                            "download_data.py -n 10` (fills ~/data/openfineweb); otherwise give a "
-                            "text file or a folder of .parquet shards")
+    raise FileNotFoundError(f"data file not found: {path} (data.data_path takes a UTF-8 text file "
+                            "or a folder of .parquet shards; for FineWeb-Edu, `python "
+                            "download_data.py -n 10` fills ~/data/openfineweb)")
 
 
 def text_chunks(path: Path, size: int = 1 << 22):

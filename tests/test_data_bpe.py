@@ -379,7 +379,7 @@ def test_seed_command_fails_clearly_without_data_or_encoding(tmp_path):
     for p, err in zip(procs, (err1, err2)):
         assert p.returncode != 0 and "Traceback" not in err, err
     last1, last2 = err1.strip().splitlines()[-1], err2.strip().splitlines()[-1]
-    assert last1.startswith("error: data.data_path ") and "download_data.py" in last1
+    assert last1.startswith("error: data file not found: ") and "download_data.py" in last1
     assert str(tmp_path / "nodata" / "data" / "openfineweb") in last1  # ~ was expanded
     assert last2.startswith("error: tiktoken encoding 'gpt2' is unavailable")
     assert "data.bpe_encoding=" in last2
