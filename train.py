@@ -64,7 +64,7 @@ def train(cfg: TrainRunConfig) -> dict:
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    data = load_data(cfg.data)
+    data = load_data(cfg.data, rank=rank, world=world)  # under DDP: this rank's train slice
     resume = load_checkpoint(cfg.load_checkpoint) if cfg.load_checkpoint else None
     if resume is not None:  # the architecture comes from the checkpoint, not the command line
         cfg = dataclasses.replace(cfg, model=model_config_from_dict(resume["model_config"]))
@@ -181,6 +181,7 @@ def train(cfg: TrainRunConfig) -> dict:
                        "ce": ce_think, "ppl": math.exp(min(ce_think, 50)),
                        data.bits_name: ce_think / math.log(2), "lr": lr,
                        "alpha": model.alpha.item(), "tokens_per_s": tok_s,
+                       "tokens": step * B * T * accum * world,  # tokens seen by all ranks
                        **{k: v.item() for k, v in m.items() if k != "ce_think"}}
                 log.write(row)
                 extra = ""

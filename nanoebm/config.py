@@ -208,6 +208,8 @@ def rewrite_argv(argv: list[str], verbatim: tuple[str, ...] = ()) -> tuple[list[
             arg = f"{new_key}={value}"
         elif eq and key in verbatim:
             arg = f"{key}={hydra_quote(value)}"
+        elif eq and value.startswith("~"):  # Hydra's grammar rejects a bare ~ (data.py expands it)
+            arg = f"{key}={hydra_quote(value)}"
         out.append(arg)
     return out, notes
 

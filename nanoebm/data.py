@@ -1,12 +1,30 @@
 """Data: a token stream per split and random (x, y) windows from it.
 
-Character level: any UTF-8 text file; the vocabulary is the sorted set of its characters and is
-stored in the checkpoint (`meta`), so sampling decodes with exactly the training vocabulary.
+* `data.tokenizer=char`: vocabulary = the corpus' sorted characters, stored in the checkpoint.
+* `data.tokenizer=gpt2`: tiktoken BPE; `data.bpe_encoding` is an encoding name (`gpt2`) or the
+  path of a `.tiktoken` rank file (offline / custom vocabularies). Documents are EOT-separated.
+* `data.data_path`: a UTF-8 text file, or a folder of parquet shards with a `text` column
+  (FineWeb-Edu from download_data.py), the first `data.max_shards` of them in sorted order.
+
+Large corpora are tokenised once, streaming (RAM does not grow with the corpus), into a token
+cache (`tokens.bin`, uint16 when the vocabulary fits, and `meta.json`) inside the shard folder /
+beside the text file or in `data.cache_dir`, and read back with np.memmap: later runs start in
+well under a second. The cache key covers the tokenizer and every source file's name, size and
+mtime, so changing shards, encoding or max_shards builds a new one.
+Validation: the last shard (parquet), or the last `data.val_fraction` of the tokens (text files:
+0.1 by default). Under DDP each rank draws its windows from its own slice of the train tokens.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import math
 import os
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +34,10 @@ import torch
 from nanoebm.config import DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+EOT = "<|endoftext|>"
+GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+CACHE_VERSION = 1
+THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve_path(path: str) -> Path:
@@ -47,16 +69,107 @@ class CharTokenizer:
         return {"tokenizer": "char", "chars": self.chars}
 
 
-def tokenizer_from_meta(meta: dict):
-    """Rebuild the tokenizer recorded in a checkpoint."""
-    if meta.get("tokenizer") == "char":
+# ------------------------------------------------------------------------------------ BPE
+class BPETokenizer:
+    """A tiktoken encoding plus where it came from (name or rank file) and a content hash."""
+
+    def __init__(self, enc, source: str):
+        self.enc, self.source = enc, source
+        self.vocab_size = enc.n_vocab
+        self.eot = enc.eot_token
+        self.sha256 = encoding_sha256(enc)
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)  # "<|endoftext|>" typed in a prompt is plain text
+
+    def decode(self, ids) -> str:
+        return self.enc.decode([int(i) for i in ids])
+
+    @property
+    def meta(self) -> dict:
+        return {"tokenizer": "bpe", "encoding": self.source, "sha256": self.sha256,
+                "vocab_size": self.vocab_size}
+
+
+def encoding_sha256(enc) -> str:
+    """Hash of what defines the encoding (split regex, ranks, specials), not of its name, so a
+    rank file and the named encoding it came from agree."""
+    h = hashlib.sha256(enc._pat_str.encode())
+    for tok, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+        h.update(rank.to_bytes(4, "little") + len(tok).to_bytes(2, "little") + tok)
+    h.update(json.dumps(sorted(enc._special_tokens.items())).encode())
+    return h.hexdigest()
+
+
+def read_rank_file(path: Path) -> dict[bytes, int]:
+    """tiktoken's `.tiktoken` format: one `base64(token) rank` per line. Read here rather than
+    with tiktoken.load_tiktoken_bpe, which caches by path and would miss an edited file."""
+    ranks = {}
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        if line.strip():
+            try:
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok, validate=True)] = int(rank)
+            except ValueError:
+                raise ValueError(f"{path} line {n} is not `base64token rank`: not a .tiktoken "
+                                 "rank file") from None
+    if not ranks:
+        raise ValueError(f"{path} is empty: not a .tiktoken rank file")
+    return ranks
+
+
+def load_bpe(spec: str) -> BPETokenizer:
+    """`spec`: a tiktoken encoding name, or a `.tiktoken` rank file read with GPT-2's split
+    regex and <|endoftext|> as the one special token, right after the ranks."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+    if spec.endswith(".tiktoken") or os.sep in spec or spec.startswith("~"):
+        path = resolve_path(spec).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"data.bpe_encoding rank file not found: {path} (give the "
+                                    "path of a .tiktoken file, or an encoding name like gpt2)")
+        ranks = read_rank_file(path)
+        enc = tiktoken.Encoding(name=path.stem, pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                special_tokens={EOT: max(ranks.values()) + 1})
+        return BPETokenizer(enc, str(path))
+    if spec not in tiktoken.list_encoding_names():
+        raise ValueError(f"data.bpe_encoding={spec!r} is not a tiktoken encoding "
+                         f"({', '.join(tiktoken.list_encoding_names())}) nor a .tiktoken file")
+    try:
+        enc = tiktoken.get_encoding(spec)
+    except Exception as e:  # noqa: BLE001 - no network / proxy / corrupt download: one clear line
+        raise ValueError(f"tiktoken encoding {spec!r} is unavailable ({type(e).__name__}: tiktoken "
+                         "downloads it on first use and this machine could not); connect once, or "
+                         f"download its rank file elsewhere (gpt2: {GPT2_RANKS_URL}, the same "
+                         "vocabulary) and set data.bpe_encoding=/path/to/r50k_base.tiktoken") from None
+    return BPETokenizer(enc, spec)
+
+
+def tokenizer_from_meta(meta: dict, bpe_encoding: str | None = None):
+    """Rebuild the tokenizer recorded in a checkpoint. `bpe_encoding` overrides where a BPE
+    encoding is loaded from (e.g. the rank file moved); its content must still match."""
+    kind = meta.get("tokenizer")
+    if kind == "char":
         return CharTokenizer(list(meta["chars"]))
-    raise ValueError(f"unknown tokenizer in checkpoint meta: {meta.get('tokenizer')!r}")
+    if kind == "bpe":
+        try:
+            tok = load_bpe(bpe_encoding or meta["encoding"])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"BPE rank file {bpe_encoding or meta['encoding']} (the "
+                                    "checkpoint's encoding) is missing: restore it or pass its "
+                                    "new path") from None
+        if tok.sha256 != meta["sha256"]:
+            raise ValueError(f"BPE encoding {tok.source!r} (sha256 {tok.sha256[:12]}) is not the "
+                             f"one the checkpoint was trained with ({meta['encoding']!r}, sha256 "
+                             f"{meta['sha256'][:12]}): use that encoding / rank file")
+        return tok
+    raise ValueError(f"unknown tokenizer in checkpoint meta: {kind!r}")
 
 
+# --------------------------------------------------------------------------------- batches
 @dataclass
 class TokenData:
-    train: np.ndarray          # 1-D token ids
+    train: np.ndarray          # 1-D token ids (an np.memmap for cached corpora)
     val: np.ndarray
     tokenizer: object
     bits_name: str             # "bpb" (bits per character) or "bpt" (bits per BPE token)
@@ -83,9 +196,7 @@ class TokenData:
 
 
 def load_char_text(path: Path, val_fraction: float) -> TokenData:
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path} (set data.data_path=PATH to a UTF-8 "
-                                "text file; the repo ships shakespeare.txt)")
+    """Small text files, character level: read whole (no cache needed at this size)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -99,17 +210,209 @@ def load_char_text(path: Path, val_fraction: float) -> TokenData:
                      bits_name="bpb")
 
 
-def load_data(cfg: DataConfig) -> TokenData:
-    """Load the configured corpus and check it is long enough for data.block_size."""
-    if cfg.tokenizer != "char":
-        raise ValueError(f"data.tokenizer={cfg.tokenizer!r} is not supported yet: use char")
-    frac = 0.1 if cfg.val_fraction is None else cfg.val_fraction
-    if not 0 < frac < 1:
+# --------------------------------------------------------------------------------- sources
+def list_sources(path: Path, max_shards: int | None) -> list[Path]:
+    """The text file, or the first max_shards `*.parquet` of a folder in sorted order."""
+    if path.is_dir():
+        shards = sorted(path.glob("*.parquet"))  # download_data.py's partial files are *.part
+        if not shards:
+            raise FileNotFoundError(f"no .parquet shards in {path}: fetch some with `python "
+                                    f"download_data.py -n 10 -d {path}`")
+        if max_shards is not None:
+            if max_shards < 1:
+                raise ValueError(f"data.max_shards={max_shards}: use a positive count or null")
+            shards = shards[:max_shards]
+        return shards
+    if path.is_file():
+        if max_shards is not None:
+            raise ValueError("data.max_shards applies to a folder of parquet shards, but "
+                             f"data.data_path={path} is a file: drop data.max_shards")
+        return [path]
+    raise FileNotFoundError(f"data file not found: {path} (data.data_path takes a UTF-8 text file "
+                            "or a folder of .parquet shards; for FineWeb-Edu, `python "
+                            "download_data.py -n 10` fills ~/data/openfineweb)")
+
+
+def text_chunks(path: Path, size: int = 1 << 22):
+    """Stream a text file in ~size-char pieces, each cut after a newline that sits between two
+    non-space characters: no BPE pre-token spans such a cut, so chunked == whole-file encoding."""
+    buf = ""
+    with open(path, encoding="utf-8") as f:
+        while block := f.read(size):
+            buf += block
+            cut = safe_cut(buf)
+            if cut:
+                yield buf[:cut]
+                buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+def safe_cut(s: str) -> int:
+    """Index just after the last "\n" with non-space on both sides (0 if none)."""
+    end = len(s) - 1  # the character after the newline must be in s
+    while (i := s.rfind("\n", 1, end)) > 0:
+        if not s[i - 1].isspace() and not s[i + 1].isspace():
+            return i + 1
+        end = i
+    return 0
+
+
+def iter_texts(src: Path, rows: int = 256):
+    """Yield (texts, is_docs): lists of parquet documents, or chunks of one text file."""
+    if src.suffix != ".parquet":
+        try:
+            for chunk in text_chunks(src):
+                yield [chunk], False
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{src} is not UTF-8 text ({e}); convert it") from None
+        return
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(src)
+    except Exception as e:  # noqa: BLE001 - truncated download, not parquet, ...
+        raise ValueError(f"{src} is not a readable parquet file ({type(e).__name__}): delete it "
+                         "and rerun download_data.py") from None
+    if "text" not in pf.schema_arrow.names:
+        raise ValueError(f"{src} has no `text` column (columns: {pf.schema_arrow.names})")
+    for batch in pf.iter_batches(batch_size=rows, columns=["text"]):
+        yield [t for t in batch.column(0).to_pylist() if t], True
+
+
+# ----------------------------------------------------------------------------- token cache
+def cache_location(cfg: DataConfig, path: Path, sources: list[Path], label: str) -> Path:
+    """<folder>/<name>-<label>-<key>.tokcache, key = hash of tokenizer id + every source's
+    name, size and mtime (so new/changed shards, max_shards or encoding mean a new cache)."""
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, label, stats]).encode()).hexdigest()[:16]
+    root = resolve_path(cfg.cache_dir) if cfg.cache_dir else (path if path.is_dir() else path.parent)
+    tag = re.sub(r"[^\w.]+", "_", label.split(":")[0])[:40]
+    return root / f"{path.name}-{tag}-{key}.tokcache"
+
+
+def char_vocab(sources: list[Path]) -> list[str]:
+    """First pass of char tokenisation over parquet: the set of characters (+ the separator)."""
+    chars = {"\n"}
+    for src in sources:
+        for texts, _ in iter_texts(src):
+            for t in texts:
+                chars.update(t)
+    return sorted(chars)
+
+
+def encode_texts(tok, texts: list[str], is_docs: bool, pool: ThreadPoolExecutor,
+                 dtype=np.uint32) -> np.ndarray:
+    """Token ids of a batch. BPE docs are prefixed with EOT, char docs with a newline."""
+    if isinstance(tok, BPETokenizer):  # tiktoken releases the GIL: threads run in parallel,
+        k = max(1, -(-len(texts) // THREADS))  # one contiguous slice of the batch per thread
+        enc = lambda ts: [tok.enc.encode_to_numpy(t, disallowed_special=()) for t in ts]  # noqa: E731
+        arrs = [a for part in pool.map(enc, [texts[i:i + k] for i in range(0, len(texts), k)])
+                for a in part]
+        sep = np.array([tok.eot], dtype=np.uint32)
+    else:
+        table = np.array([ord(c) for c in tok.chars])  # sorted code points, position = id
+        arrs = (np.searchsorted(table, np.frombuffer(t.encode("utf-32-le"), np.uint32)) for t in texts)
+        sep = np.array([tok.stoi["\n"]], dtype=np.uint32)
+    parts = [p for a in arrs for p in ((sep, a) if is_docs else (a,))]
+    return np.concatenate(parts, dtype=dtype, casting="unsafe") if parts else np.zeros(0, dtype)
+
+
+def build_cache(out: Path, tok, sources: list[Path], verbose: bool) -> None:
+    """Tokenise every source once, appending to tokens.bin; meta.json records the dtype and
+    where each source starts. Written to a temp folder, renamed into place when complete."""
+    from tqdm import tqdm
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ValueError(f"cannot write the token cache in {out.parent} ({e.strerror}): set "
+                         "data.cache_dir=DIR to a writable folder") from None
+    offsets, n, t0 = [], 0, time.time()
+    try:
+        with open(tmp / "tokens.bin", "wb") as f, ThreadPoolExecutor(THREADS) as pool, \
+                tqdm(sources, desc="tokenising", unit="file", disable=not verbose) as bar:
+            for src in bar:
+                offsets.append(n)
+                for texts, is_docs in iter_texts(src):
+                    ids = encode_texts(tok, texts, is_docs, pool, dtype)  # (n_batch,)
+                    ids.tofile(f)
+                    n += len(ids)
+                bar.set_postfix(tokens=f"{n / 1e6:.1f}M", tok_s=f"{n / (time.time() - t0):.3g}")
+        if n == 0:
+            raise ValueError(f"no text in {sources[0].parent}: the sources are empty")
+        meta = {"version": CACHE_VERSION, "dtype": np.dtype(dtype).name, "n_tokens": n,
+                "sources": [p.name for p in sources], "offsets": offsets, "tokenizer": tok.meta,
+                "build_seconds": time.time() - t0}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished the same cache first: keep theirs
+            if not (out / "meta.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if verbose:
+        dt = time.time() - t0
+        print(f"data: tokenised {n:,} tokens in {dt:.1f}s ({n / max(dt, 1e-9):,.0f} tok/s) -> {out}")
+
+
+def load_cached(cfg: DataConfig, path: Path, sources: list[Path], tok, rank_builds: bool,
+                verbose: bool):
+    """(tokens memmap, per-source start offsets, tokenizer), building the cache if needed.
+    tok: the BPE tokenizer, or None for char (its vocabulary comes from the corpus)."""
+    label = f"{Path(tok.source).stem}:{tok.sha256}" if tok else "char"
+    out = cache_location(cfg, path, sources, label)
+    if not (out / "meta.json").exists():
+        if rank_builds:
+            build_cache(out, tok or CharTokenizer(char_vocab(sources)), sources, verbose)
+        while not (out / "meta.json").exists():  # DDP: local rank 0 builds, the others wait
+            time.sleep(1.0)
+    meta = json.loads((out / "meta.json").read_text())
+    size = np.dtype(meta["dtype"]).itemsize * meta["n_tokens"]
+    if (out / "tokens.bin").stat().st_size != size:  # damaged (e.g. disk full): rebuild it
+        shutil.rmtree(out)
+        return load_cached(cfg, path, sources, tok, rank_builds, verbose)
+    tok = tok or CharTokenizer(meta["tokenizer"]["chars"])
+    tokens = np.memmap(out / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
+    if verbose:
+        print(f"data: {meta['n_tokens']:,} tokens from {len(sources)} file(s), cache {out}")
+    return tokens, meta["offsets"], tok
+
+
+# ------------------------------------------------------------------------------------ entry
+def load_data(cfg: DataConfig, rank: int = 0, world: int = 1) -> TokenData:
+    """Load the configured corpus and check it is long enough for data.block_size. Under DDP
+    (world > 1) the train split is this rank's contiguous 1/world slice."""
+    if cfg.tokenizer not in ("char", "gpt2"):
+        raise ValueError(f"data.tokenizer={cfg.tokenizer!r}: use char or gpt2 (BPE; pick the "
+                         "tiktoken vocabulary with data.bpe_encoding)")
+    frac = cfg.val_fraction
+    if frac is not None and not 0 < frac < 1:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {frac}")
-    data = load_char_text(resolve_path(cfg.data_path), frac)
-    for split, arr in (("train", data.train), ("val", data.val)):
+    path = resolve_path(cfg.data_path)
+    sources = list_sources(path, cfg.max_shards)
+    parquet = path.is_dir()
+    if cfg.tokenizer == "char" and not parquet:
+        data = load_char_text(path, 0.1 if frac is None else frac)
+    else:
+        if parquet and frac is None and len(sources) < 2:
+            raise ValueError(f"{path} gives one parquet shard and validation uses the last shard:"
+                             " add shards (data.max_shards>=2) or set data.val_fraction=0.01 to "
+                             "hold out the end of it")
+        tok = load_bpe(cfg.bpe_encoding) if cfg.tokenizer == "gpt2" else None
+        builds = world == 1 or os.environ.get("LOCAL_RANK", "0") == "0"
+        tokens, offsets, tok = load_cached(cfg, path, sources, tok, builds, verbose=rank == 0)
+        n = len(tokens)
+        split = offsets[-1] if frac is None and parquet else n - int(math.ceil(n * (frac or 0.1)))
+        data = TokenData(train=tokens[:split], val=tokens[split:], tokenizer=tok,
+                         bits_name="bpt" if cfg.tokenizer == "gpt2" else "bpb")
+    if world > 1:  # each rank samples windows from its own part of the train tokens
+        n = len(data.train)
+        data.train = data.train[rank * n // world:(rank + 1) * n // world]
+    for split_name, arr in (("train", data.train), ("val", data.val)):
         if len(arr) < cfg.block_size + 2:
-            raise ValueError(f"{split} split has {len(arr)} tokens, too short for "
+            raise ValueError(f"{split_name} split has {len(arr)} tokens, too short for "
                              f"data.block_size={cfg.block_size}: lower data.block_size or use "
-                             "a longer file")
+                             "more data")
     return data

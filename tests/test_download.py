@@ -1,0 +1,234 @@
+"""download_data.py against a local HTTP server (127.0.0.1) serving generated parquet shards.
+
+The server supports Range requests and injects faults (slow bodies, dropped connections,
+corrupt bodies, 404s); it stops by itself after a minute even if a test forgets it.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import string
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shard_bytes(seed: int, n_docs: int = 40, doc_chars: int = 2000) -> bytes:
+    """A parquet file with a `text` column of random (so barely compressible) documents."""
+    rng = random.Random(seed)
+    docs = ["".join(rng.choices(string.ascii_letters + "  \n", k=doc_chars)) for _ in range(n_docs)]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": docs}), buf, compression="none")
+    return buf.getvalue()
+
+
+class ShardServer:
+    """Serves `files` {name: bytes}. Per-name fault lists are consumed one per request:
+    drop[name] = [byte count to cut the connection at, ...]; delay = seconds per 16 KiB."""
+
+    def __init__(self, files: dict, lifetime: float = 60.0):
+        self.files, self.drop, self.delay = dict(files), {}, 0.0
+        self.log = []                 # (name, range start, time) per GET
+        self.active = self.max_active = 0
+        lock, srv = threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                rng = self.headers.get("Range")
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                with lock:
+                    srv.log.append((name, start, time.time()))
+                    srv.active += 1
+                    srv.max_active = max(srv.max_active, srv.active)
+                try:
+                    self._send(name, start)
+                finally:
+                    with lock:
+                        srv.active -= 1
+
+            def _send(self, name, start):
+                if name not in srv.files:
+                    self.send_error(404)
+                    return
+                data = srv.files[name]
+                if start >= len(data) and start:
+                    self.send_error(416)
+                    return
+                cut = srv.drop[name].pop(0) if srv.drop.get(name) else None
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:] if cut is None else data[start:cut]
+                try:
+                    for i in range(0, len(body), 1 << 14):
+                        self.wfile.write(body[i:i + (1 << 14)])
+                        time.sleep(srv.delay)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client went away (interrupted download)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        self.timer = threading.Timer(lifetime, self.close)  # bounded even if a test hangs
+        self.timer.daemon = True
+        self.timer.start()
+
+    def gets(self, name):
+        return [(s, t) for n, s, t in self.log if n == name]
+
+    def close(self):
+        self.timer.cancel()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    files = {f"shard_{i:05d}.parquet": shard_bytes(i) for i in range(4)}
+    srv = ShardServer(files)
+    yield srv
+    srv.close()
+
+
+def run_dl(args, home, **kw):
+    env = {**os.environ, "HOME": str(home)}
+    return subprocess.run([sys.executable, str(REPO / "download_data.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=60, **kw)
+
+
+def test_parallel_download_then_skip(server, tmp_path):
+    server.delay = 0.01  # slow enough that two workers overlap
+    out = tmp_path / "out"
+    r = run_dl(["-n", 4, "-w", 2, "-d", out, "--base-url", server.url], tmp_path)
+    assert r.returncode == 0, r.stderr
+    for name, data in server.files.items():
+        assert (out / name).read_bytes() == data
+    assert server.max_active >= 2  # really parallel
+    assert not list(out.glob("*.part"))
+    assert "4 downloaded" in r.stdout
+    n_gets = len(server.log)
+    r = run_dl(["-n", 4, "-w", 2, "-d", out, "--base-url", server.url], tmp_path)
+    assert r.returncode == 0 and "4 already complete" in r.stdout
+    assert len(server.log) == n_gets  # complete shards are not fetched again
+
+
+def test_spawn_honours_data_dir(server, tmp_path):
+    home, out = tmp_path / "home", tmp_path / "elsewhere"
+    r = run_dl(["-n", 2, "-w", 2, "-d", out, "--base-url", server.url, "--start-method", "spawn"],
+               home)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert not (home / "data").exists()  # spawned workers did not fall back to ~/data/openfineweb
+
+
+def test_default_dir_is_home_data_openfineweb(server, tmp_path):
+    r = run_dl(["-n", 1, "-w", 1, "--base-url", server.url], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "data" / "openfineweb" / "shard_00000.parquet").is_file()
+
+
+def test_interrupt_then_resume_with_range(server, tmp_path):
+    name = "shard_00000.parquet"
+    server.files[name] = shard_bytes(0, n_docs=200)  # ~400 KB at 16 KiB per 50 ms: ~1.3 s
+    server.delay = 0.05
+    out = tmp_path / "out"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "download_data.py"), "-n", "1", "-w", "1",
+                             "-d", str(out), "--base-url", server.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    part = out / (name + ".part")
+    deadline = time.time() + 30
+    while time.time() < deadline and not (part.exists() and part.stat().st_size > 50_000):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C mid-file
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "resume" in err
+    assert not (out / name).exists()  # no partial final file
+    have = part.stat().st_size
+    assert 0 < have < len(server.files[name])
+    server.delay = 0.0
+    r = run_dl(["-n", 1, "-w", 1, "-d", out, "--base-url", server.url], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (out / name).read_bytes() == server.files[name]
+    assert server.gets(name)[-1][0] == have  # the rerun asked only for the missing bytes
+    assert not part.exists()
+
+
+def test_truncated_final_file_is_refetched(server, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    name = "shard_00001.parquet"
+    (out / name).write_bytes(server.files[name][:3000])  # e.g. copied by hand, cut short
+    r = run_dl(["-n", 2, "-d", out, "--base-url", server.url], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (out / name).read_bytes() == server.files[name]
+
+
+def test_corrupt_body_fails_cleanly(server, tmp_path):
+    name = "shard_00001.parquet"
+    server.files[name] = b"PAR1" + os.urandom(5000)  # right size class, not parquet
+    out = tmp_path / "out"
+    r = run_dl(["-n", 2, "-d", out, "--base-url", server.url, "--retries", 1], tmp_path)
+    assert r.returncode == 1
+    assert "not a readable parquet" in r.stdout
+    assert len(server.gets(name)) == 2  # retried once
+    assert not (out / name).exists() and not (out / (name + ".part")).exists()
+    assert (out / "shard_00000.parquet").is_file()  # the good shard is still kept
+
+
+def test_404_is_a_clean_failure(server, tmp_path):
+    out = tmp_path / "out"
+    r = run_dl(["-n", 5, "-w", 2, "-d", out, "--base-url", server.url], tmp_path)  # 4 exist
+    assert r.returncode == 1
+    assert "HTTP 404" in r.stdout and "Traceback" not in r.stderr
+    assert len(server.gets("shard_00004.parquet")) == 1  # a 404 is not retried
+    assert not list(out.glob("shard_00004*"))
+    assert len(list(out.glob("*.parquet"))) == 4
+
+
+def test_dropped_connection_retries_with_backoff_and_resumes(server, tmp_path):
+    name = "shard_00002.parquet"
+    server.drop[name] = [5000, 9000]  # the first two attempts die mid-body
+    out = tmp_path / "out"
+    r = run_dl(["-n", 3, "-d", out, "--base-url", server.url, "--retries", 2], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out / name).read_bytes() == server.files[name]
+    (s0, t0), (s1, t1), (s2, t2) = server.gets(name)
+    assert (s0, s1, s2) == (0, 5000, 9000)  # each retry resumes where the last one stopped
+    assert t1 - t0 >= 0.9 and t2 - t1 >= 1.9  # backoff 1 s, then 2 s
+
+
+def test_dropped_connection_gives_up_cleanly(server, tmp_path):
+    name = "shard_00000.parquet"
+    server.drop[name] = [4000]
+    out = tmp_path / "out"
+    r = run_dl(["-n", 1, "-d", out, "--base-url", server.url, "--retries", 0], tmp_path)
+    assert r.returncode == 1
+    assert "dropped" in r.stdout or "IncompleteRead" in r.stdout
+    assert not (out / name).exists()
+    assert (out / (name + ".part")).stat().st_size == 4000  # kept for the next run to resume
+
+
+def test_bad_arguments(tmp_path):
+    r = run_dl(["-n", 0, "-d", tmp_path], tmp_path)
+    assert r.returncode != 0 and "error: -n" in r.stderr
