@@ -68,7 +68,8 @@ def train(cfg: TrainRunConfig) -> dict:
     resume = load_checkpoint(cfg.load_checkpoint) if cfg.load_checkpoint else None
     if resume is not None:  # the architecture comes from the checkpoint, not the command line
         cfg = dataclasses.replace(cfg, model=model_config_from_dict(resume["model_config"]))
-        if resume["meta"] != data.meta:
+        vocab_id = lambda m: (m.get("tokenizer"), m.get("sha256") or m.get("chars"))  # noqa: E731
+        if vocab_id(resume["meta"]) != vocab_id(data.meta):  # same vocabulary, however named
             raise ValueError(f"{cfg.load_checkpoint} was trained on a different vocabulary than "
                              f"{cfg.data.data_path}: resume with the same data.* settings")
     model = build_model(cfg, data.vocab_size).to(device)
