@@ -161,50 +161,26 @@ def _stack(xs: list) -> torch.Tensor | None:
 
 
 # ------------------------------------------------------------------------ tokenizer & prompt
-class TiktokenTokenizer:
-    """A tiktoken BPE encoding behind the encode/decode interface of data.py's tokenizers
-    (used only when sample.py's tokenizer/bpe_encoding override asks for one)."""
-
-    def __init__(self, name: str):
-        import tiktoken
-        try:
-            self.enc = tiktoken.get_encoding(name)
-        except Exception as e:  # unknown name, or the BPE files can't be downloaded
-            raise ValueError(f"cannot load tiktoken encoding {name!r} ({type(e).__name__}): check "
-                             "the name, network access or TIKTOKEN_CACHE_DIR") from None
-        self.name, self.vocab_size = name, self.enc.n_vocab
-
-    def encode(self, text: str) -> list[int]:
-        return self.enc.encode(text, allowed_special="all")
-
-    def decode(self, ids) -> str:
-        return self.enc.decode([int(i) for i in ids])
-
-
 def resolve_tokenizer(meta: dict | None, vocab_size: int, tokenizer: str | None = None,
                       bpe_encoding: str | None = None):
-    """The checkpoint's own tokenizer (its meta), unless tokenizer/bpe_encoding override it;
-    an override whose vocabulary size differs from the checkpoint's is refused."""
-    from nanoebm.data import tokenizer_from_meta  # data.py pulls numpy & co: import on use
-    auto = tokenizer_from_meta(meta) if meta else None
+    """The checkpoint's own tokenizer (its meta). `bpe_encoding` may point a BPE checkpoint at a
+    moved rank file (its content must match); a tokenizer of another kind, or one whose
+    vocabulary size differs from the model's, is refused."""
+    from nanoebm.data import load_bpe, tokenizer_from_meta  # data.py pulls numpy & co
+    kind = (meta or {}).get("tokenizer")
+    if tokenizer is not None and kind is not None and (tokenizer == "char") != (kind == "char"):
+        raise ValueError(f"tokenizer={tokenizer}, but the checkpoint was trained with a {kind} "
+                         "tokenizer: drop the override")
+    if kind is not None:
+        return tokenizer_from_meta(meta, bpe_encoding)
     if tokenizer is None and bpe_encoding is None:
-        if auto is None:
-            raise ValueError("the checkpoint records no tokenizer: pass tokenizer=char|gpt2")
-        return auto
-    trained = f"a {meta.get('tokenizer')} tokenizer" if meta else "an unrecorded tokenizer"
+        raise ValueError("the checkpoint records no tokenizer: pass tokenizer=gpt2 or bpe_encoding=")
     if tokenizer == "char":
-        if auto is None or meta.get("tokenizer") != "char":
-            raise ValueError(f"tokenizer=char, but the checkpoint was trained with {trained} "
-                             "(a char vocabulary comes only from a char checkpoint): drop it")
-        tok = auto
-    else:  # BPE: tokenizer=gpt2 means the bpe_encoding (default gpt2); other names are encodings
-        name = bpe_encoding or (tokenizer if tokenizer not in (None, "gpt2", "bpe") else "gpt2")
-        tok = TiktokenTokenizer(name)
-    expect = auto.vocab_size if auto is not None else vocab_size
-    if tok.vocab_size != expect:
-        raise ValueError(f"tokenizer override has {tok.vocab_size} tokens but the checkpoint's "
-                         f"vocabulary has {expect} (trained with {trained}): drop "
-                         "tokenizer=/bpe_encoding= to use the checkpoint's own tokenizer")
+        raise ValueError("tokenizer=char needs a char checkpoint (the vocabulary lives in it)")
+    tok = load_bpe(bpe_encoding or (tokenizer if tokenizer not in ("gpt2", "bpe") else "gpt2"))
+    if tok.vocab_size != vocab_size:
+        raise ValueError(f"tokenizer override has {tok.vocab_size} tokens but the model's "
+                         f"vocabulary has {vocab_size}: use the encoding it was trained with")
     return tok
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanoebm.config import ModelConfig
-from nanoebm.data import CharTokenizer
+from nanoebm.data import CharTokenizer, load_bpe
 from nanoebm.generate import (encode_prompt, filter_logits, generate, pick_token, propose,
                               repeat_context, resolve_tokenizer)
 from nanoebm.losses import ebt_loss
@@ -212,7 +212,7 @@ def test_think_noise_changes_the_chain():
     assert not torch.allclose(a.logits, b.logits)
 
 
-def test_prompt_encoding_and_tokenizer_overrides(monkeypatch):
+def test_prompt_encoding_and_tokenizer_overrides(tmp_path):
     tok = CharTokenizer(sorted(set("abc :")))
     ids, dropped = encode_prompt(tok, "ab c:")
     assert tok.decode(ids) == "ab c:" and dropped == []
@@ -227,24 +227,23 @@ def test_prompt_encoding_and_tokenizer_overrides(monkeypatch):
     assert resolve_tokenizer(meta, tok.vocab_size).chars == tok.chars
     assert resolve_tokenizer(meta, tok.vocab_size, tokenizer="char").chars == tok.chars
 
-    class FakeEnc:  # stands in for tiktoken (no network in tests)
-        def __init__(self, n):
-            self.n_vocab = n
-
-        def encode(self, text, allowed_special=None):
-            return [ord(c) for c in text]
-
-        def decode(self, ids):
-            return "".join(map(chr, ids))
-
-    import tiktoken
-    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: FakeEnc({"gpt2": 50257, "small": 300}[name]))
-    with pytest.raises(ValueError, match="50257 tokens.*has 5"):
+    with pytest.raises(ValueError, match="tokenizer=gpt2, but the checkpoint was trained with a char"):
         resolve_tokenizer(meta, tok.vocab_size, tokenizer="gpt2")
-    with pytest.raises(ValueError, match="cannot load tiktoken encoding 'nope'"):
-        resolve_tokenizer(meta, tok.vocab_size, bpe_encoding="nope")
-    bpe = resolve_tokenizer({}, 300, tokenizer="gpt2", bpe_encoding="small")  # no meta: override
-    assert bpe.decode(bpe.encode("hi")) == "hi"
+    # a BPE rank file (no network): the checkpoint's own encoding, a moved copy, a wrong one
+    from tests.test_data_bpe import train_ranks, write_ranks
+    ranks = train_ranks("hello world, hello there " * 20, 6)
+    f = write_ranks(tmp_path / "small.tiktoken", ranks)
+    bpe_meta = load_bpe(str(f)).meta
+    bpe = resolve_tokenizer(bpe_meta, bpe_meta["vocab_size"])
+    assert bpe.decode(bpe.encode("hello there")) == "hello there"
+    moved = write_ranks(tmp_path / "moved.tiktoken", ranks)
+    assert resolve_tokenizer(bpe_meta, bpe_meta["vocab_size"], bpe_encoding=str(moved)).sha256 == bpe.sha256
+    other = write_ranks(tmp_path / "other.tiktoken", train_ranks("the quick brown fox jumps over " * 20, 8))
+    with pytest.raises(ValueError, match="not the one the checkpoint was trained with"):
+        resolve_tokenizer(bpe_meta, bpe_meta["vocab_size"], bpe_encoding=str(other))
+    assert resolve_tokenizer({}, bpe.vocab_size, bpe_encoding=str(f)).vocab_size == bpe.vocab_size
+    with pytest.raises(ValueError, match="model's vocabulary has 300"):
+        resolve_tokenizer({}, 300, bpe_encoding=str(f))
     with pytest.raises(ValueError, match="no tokenizer"):
         resolve_tokenizer({}, 300)
     with pytest.raises(ValueError, match="tokenizer=char"):
