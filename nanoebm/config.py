@@ -155,6 +155,34 @@ class CompareConfig:
     out_dir: str = "results"
 
 
+@dataclass
+class VizConfig:
+    """viz.py: pictures computed from a checkpoint's real energies (see viz.py for the modes)."""
+    checkpoint: Optional[str] = None  # None: the newest out_ebt/run_*/final.pt
+    mode: str = "topk"           # topk | gap | gap_multi | bowl_panels | bowl_anim | traj |
+    #                              surface3d | surface_anim | margin | eval | per_token
+    prompt: str = "ROMEO:"
+    steps: int = 8               # think steps to trace (K)
+    topk: int = 20               # topk: bars for the lowest-energy next tokens
+    topk_think: int = 10         # traj: tokens whose trajectories are drawn
+    traj_space: str = "logits"   # traj: logits (centred) | probs
+    multi_trajectories: int = 5  # gap_multi: noisy chains overlaid
+    langevin_noise: float = 0.3  # gap_multi: std of the noise added to z before each step
+    tokens: int = 3              # per_token: generated tokens to trace
+    per_token_anim: bool = False  # per_token: one animation per token instead of panels
+    grid: int = 41               # points per axis of bowl profiles / surface slices (made odd)
+    span: float = 4.0            # half-width of bowl profiles / surface padding, logit units
+    split: str = "val"           # batch modes (gap, margin, eval): train | val
+    batch_size: int = 16
+    eval_iters: int = 4          # eval: fixed batches in the thinking curve
+    data_path: Optional[str] = None  # batch modes: None = the checkpoint's data.data_path
+    out_dir: str = "out_ebt/viz"
+    writer: str = "auto"         # animations: auto (mp4 if ffmpeg exists, else gif) | gif | mp4
+    seed: int = 1337
+    dpi: int = 100
+    device: str = "auto"         # auto (cuda > mps > cpu) | cuda | mps | cpu
+
+
 # --------------------------------------------------------------------------------------------
 # command-line shims
 
@@ -228,3 +256,4 @@ def register_configs() -> None:
     cs.store(name="base_train", node=TrainRunConfig)
     cs.store(name="base_compare", node=CompareConfig)
     cs.store(name="base_sample", node=SampleConfig)
+    cs.store(name="base_viz", node=VizConfig)
