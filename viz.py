@@ -222,7 +222,8 @@ def mode_eval(v: Viz) -> dict:
     batches, bits_name = v.batches(cfg.eval_iters)
     curve = thinking_curve(v.model, batches, cfg.steps, seed=cfg.seed)
     loss_k, s1 = curve["loss_k"], curve.get("loss_s1")
-    v.save(P.eval_figure(loss_k, s1, bits_name, cfg.dpi), "eval.png")
+    trained_k = v.model.cfg.think_steps + v.model.cfg.think_steps_random
+    v.save(P.eval_figure(loss_k, s1, bits_name, trained_k, cfg.dpi), "eval.png")
     res = {"checkpoint": v.ckpt_path, "split": cfg.split, "batches": cfg.eval_iters,
            "batch_size": cfg.batch_size, "block_size": batches[0][0].shape[1],
            "k": list(range(cfg.steps + 1)), "loss": loss_k,

@@ -294,13 +294,14 @@ def margin_figure(m: dict, steps: int, dpi: int) -> Figure:
     return fig
 
 
-def eval_figure(loss_k, loss_s1, bits_name: str, dpi: int) -> Figure:
+def eval_figure(loss_k, loss_s1, bits_name: str, trained_k: int, dpi: int) -> Figure:
     fig = new_fig(6, 4, dpi)
     ax = fig.add_subplot()
     k = np.arange(len(loss_k))
     ax.plot(k, loss_k, "o-", label="val loss after k think steps")
     if loss_s1 is not None:
         ax.axhline(loss_s1, color="k", ls="--", lw=1, label=f"System 1: {loss_s1:.4f}")
+    ax.axvline(trained_k, color="0.6", ls=":", label=f"trained with think_steps={trained_k}")
     ax.set_xlabel("think step k")
     ax.set_ylabel("val loss (nats/token)")
     sec = ax.secondary_yaxis("right", functions=(lambda v: v / math.log(2),
