@@ -136,9 +136,9 @@ def mode_gap_multi(v: Viz) -> dict:
     cfg = v.cfg
     ctx = v.context(v.prompt_ids())
     traj = L.prompt_trajectory(v.model, ctx, cfg.steps, n=cfg.multi_trajectories,
-                               noise=cfg.langevin_noise, generator=v.gen)
+                               noise=cfg.think_noise, generator=v.gen)
     labels = [v.label(i) for i in traj.z[-1].argmax(-1).tolist()]
-    fig = P.multi_figure(traj.energy.cpu().numpy(), labels, cfg.prompt, cfg.langevin_noise, cfg.dpi)
+    fig = P.multi_figure(traj.energy.cpu().numpy(), labels, cfg.prompt, cfg.think_noise, cfg.dpi)
     v.save(fig, "energy_gap_multi.png")
     return {"energy": traj.energy.cpu()}
 

@@ -167,7 +167,7 @@ class VizConfig:
     topk_think: int = 10         # traj: tokens whose trajectories are drawn
     traj_space: str = "logits"   # traj: logits (centred) | probs
     multi_trajectories: int = 5  # gap_multi: noisy chains overlaid
-    langevin_noise: float = 0.3  # gap_multi: std of the noise added to z before each step
+    think_noise: float = 0.3     # gap_multi: Langevin noise std added to z before each step
     tokens: int = 3              # per_token: generated tokens to trace
     per_token_anim: bool = False  # per_token: one animation per token instead of panels
     grid: int = 41               # points per axis of bowl profiles / surface slices (made odd)

@@ -122,7 +122,7 @@ def multi_figure(energy, labels, prompt: str, noise: float, dpi: int) -> Figure:
     ax.plot(k, energy.mean(1), "k-", lw=2.5, label="mean")
     ax.set_xlabel("think step k")
     ax.set_ylabel("energy E(z_k), next token")
-    ax.set_title(f"{energy.shape[1]} think chains after {prompt!r}, langevin_noise={noise}",
+    ax.set_title(f"{energy.shape[1]} think chains after {prompt!r}, think_noise={noise}",
                  fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     return fig
@@ -151,13 +151,19 @@ def bowl_panels_figure(prof: dict, title: str, dpi: int) -> Figure:
     n = prof["energy"].shape[0]
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    fig = new_fig(2.6 * cols, 2.1 * rows + 0.5, dpi)
+    # a shared y axis compares the steps at a glance; fixed margins (no layout engine) keep
+    # this many-axes figure cheap to draw
+    fig = Figure(figsize=(2.6 * cols, 2.1 * rows + 0.6), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axs = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.06, top=0.86, hspace=0.35, wspace=0.08)
     ylim = _ylim(prof["energy"].numpy())
-    for k in range(n):
-        ax = fig.add_subplot(rows, cols, k + 1)
-        _bowl_axis(ax, prof, k, ylim)
-        if k == 0:
-            ax.legend(fontsize=6)
+    for k, ax in enumerate(axs):
+        if k < n:
+            _bowl_axis(ax, prof, k, ylim)
+        else:
+            ax.set_visible(False)
+    axs[0].legend(fontsize=6)
     fig.suptitle(title + "\nE along each step's update direction (s: logits; 0 = current z_k)",
                  fontsize=9)
     return fig

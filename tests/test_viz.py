@@ -21,13 +21,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import viz  # noqa: E402
 from nanoebm import landscape as L  # noqa: E402
 from nanoebm.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from nanoebm.config import (DataConfig, ModelConfig, TrainConfig, TrainRunConfig,  # noqa: E402
-                            rewrite_argv)
+from nanoebm.config import DataConfig, ModelConfig, TrainConfig, TrainRunConfig  # noqa: E402
 from nanoebm.data import load_data, tokenizer_from_meta  # noqa: E402
 from nanoebm.losses import ce  # noqa: E402
 from nanoebm.think import initial_logits, think  # noqa: E402
+from tests.conftest import REPO, compose  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 # the viz.py lines of ../shared/seed-commands.md, verbatim (checked against the file below)
 SEED_COMMANDS = """\
 uv run python viz.py --checkpoint=out_ebt/final.pt --mode=gap --steps=8
@@ -43,7 +42,7 @@ uv run python viz.py --checkpoint=out_ebt/final.pt --mode=per_token --tokens=3 -
 uv run python viz.py --checkpoint=out_ebt/final.pt --mode=per_token --tokens=3 --steps=8 --per_token_anim=true --writer=gif
 uv run python viz.py --checkpoint=out_ebt/final.pt --prompt="ROMEO:" --topk=20
 """.splitlines()
-SMALL = ["grid=9", "dpi=40", "batch_size=4", "eval_iters=2"]  # size-only overrides
+VIZ_SMALL = ["grid=9", "dpi=40", "batch_size=4", "eval_iters=2"]  # size-only overrides
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +63,14 @@ def run_dir(tmp_path_factory):
     return root
 
 
-def compose(overrides: list[str]):
-    """Parse overrides exactly as `python viz.py ...` does (shims, then Hydra)."""
-    from hydra import compose as hcompose, initialize_config_dir
-    from omegaconf import OmegaConf
-    from nanoebm.config import register_configs
-    register_configs()
-    argv, _ = rewrite_argv(overrides)
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return OmegaConf.to_object(hcompose(config_name="viz", overrides=argv))
+def viz_cfg(args: list[str]):
+    """Parse viz.py arguments exactly as the command line does (shims, then Hydra)."""
+    return compose(*args, config_name="viz")
 
 
 def run_viz(run_dir, monkeypatch, *args):
     monkeypatch.chdir(run_dir)
-    return viz.run(compose(["--checkpoint=out_ebt/final.pt", "device=cpu", *SMALL, *args]))
+    return viz.run(viz_cfg(["--checkpoint=out_ebt/final.pt", "device=cpu", *VIZ_SMALL, *args]))
 
 
 def pixels(path: Path) -> list[np.ndarray]:
@@ -140,7 +133,7 @@ def test_cli_entry_point(run_dir):
     assert "wrote cli_out/topk_energies.png" in r.stdout
     assert not (run_dir / "outputs").exists()  # Hydra writes no outputs/ folder
     with pytest.raises(SystemExit, match="^error: checkpoint not found: missing.pt"):
-        viz.run_cli(compose(["--checkpoint=missing.pt"]))  # what main() does with bad input
+        viz.run_cli(viz_cfg(["--checkpoint=missing.pt"]))  # what main() does with bad input
 
 
 def reference_batch(run_dir, split="val", n=1, batch_size=4, seed=1337):
@@ -259,7 +252,7 @@ def test_options_change_the_output(run_dir, monkeypatch):
     b = run_viz(run_dir, monkeypatch, "mode=gap_multi", "steps=2", "multi_trajectories=3",
                 "seed=7", "out_dir=o_opt")["energy"]
     quiet = run_viz(run_dir, monkeypatch, "mode=gap_multi", "steps=2", "multi_trajectories=3",
-                    "langevin_noise=0", "out_dir=o_opt")["energy"]
+                    "think_noise=0", "out_dir=o_opt")["energy"]
     assert a.shape == (3, 3) and not torch.equal(a[:, 0], a[:, 1]) and not torch.equal(a, b)
     assert torch.allclose(quiet[:, 0], quiet[:, 2])  # no noise: the chains coincide
     small = pixels(run_dir / "o_opt" / "energy_gap_multi.png")[0].shape
@@ -274,17 +267,17 @@ def test_options_change_the_output(run_dir, monkeypatch):
 
 def test_defaults_and_errors(run_dir, monkeypatch, tmp_path):
     monkeypatch.chdir(run_dir)  # no checkpoint: the newest out_ebt/run_*/final.pt
-    res = viz.run(compose(["mode=topk", "topk=3", "dpi=40", "out_dir=o_def"]))
+    res = viz.run(viz_cfg(["mode=topk", "topk=3", "dpi=40", "out_dir=o_def"]))
     assert res["files"] == [Path("o_def/topk_energies.png")]
     for bad, msg in [(["mode=nope"], "mode='nope'"), (["writer=avi"], "writer='avi'"),
                      (["mode=gap", "steps=0"], "steps=0"), (["prompt='@#'"], "outside the model"),
                      (["mode=gap", "data_path=" + str(tmp_path / "x.txt")], "not found"),
                      (["grid=2"], "grid=2")]:
         with pytest.raises((ValueError, FileNotFoundError), match=re.escape(msg)):
-            viz.run(compose(["--checkpoint=out_ebt/final.pt", "out_dir=o_def", *bad]))
+            viz.run(viz_cfg(["--checkpoint=out_ebt/final.pt", "out_dir=o_def", *bad]))
     other = tmp_path / "moved.txt"  # the corpus moved: data_path points batch modes at it
     other.write_text((run_dir / "small.txt").read_text(encoding="utf-8"), encoding="utf-8")
-    ok = viz.run(compose(["--checkpoint=out_ebt/final.pt", "mode=gap", "steps=1", "dpi=40",
+    ok = viz.run(viz_cfg(["--checkpoint=out_ebt/final.pt", "mode=gap", "steps=1", "dpi=40",
                           f"data_path={other}", "batch_size=2", "out_dir=o_def"]))
     assert ok["x"].shape[0] == 2
 
@@ -344,16 +337,16 @@ def test_large_vocab_bpe_shaped_checkpoint(monkeypatch, tmp_path):
     monkeypatch.setattr(viz, "tokenizer_from_meta", lambda meta: FakeBPE())
     monkeypatch.setattr(viz, "load_data", lambda dc: TokenData(ids[:3000], ids[3000:], FakeBPE(), "bpt"))
     monkeypatch.chdir(tmp_path)
-    base = ["checkpoint=bpe.pt", "device=cpu", *SMALL, "steps=2", "prompt=The future"]
-    top = viz.run(compose(base + ["mode=topk", "topk=6"]))
+    base = ["checkpoint=bpe.pt", "device=cpu", *VIZ_SMALL, "steps=2", "prompt=The future"]
+    top = viz.run(viz_cfg(base + ["mode=topk", "topk=6"]))
     assert top["scope"] == "among the 1024 most probable"
     assert len(top["ids"]) == 6 and top["energy"].diff().ge(0).all()
-    ev = viz.run(compose(base + ["mode=eval"]))
+    ev = viz.run(viz_cfg(base + ["mode=eval"]))
     assert "bpt" in ev and "bpt" in (tmp_path / "out_ebt/viz/eval.md").read_text()
-    m = viz.run(compose(base + ["mode=margin"]))
+    m = viz.run(viz_cfg(base + ["mode=margin"]))
     assert m["n_compared"] == 255 and len(m["rank"]) == 64
-    for mode in ("surface3d", "traj", "per_token"):
-        for p in viz.run(compose(base + [f"mode={mode}", "tokens=1"]))["files"]:
+    for mode in ("surface3d", "per_token"):
+        for p in viz.run(viz_cfg(base + [f"mode={mode}", "tokens=1"]))["files"]:
             assert_picture(p)
 
 
@@ -373,10 +366,10 @@ def test_real_bpe_checkpoint(tmp_path, monkeypatch):
         train=TrainConfig(max_steps=3, warmup_iters=1, eval_interval=1000, eval_iters=1,
                           save_interval=0, device="cpu"), out_dir=str(tmp_path / "out_ebt")))
     monkeypatch.chdir(tmp_path)
-    base = ["--checkpoint=out_ebt/final.pt", "device=cpu", *SMALL, "steps=2",
+    base = ["--checkpoint=out_ebt/final.pt", "device=cpu", *VIZ_SMALL, "steps=2",
             "prompt=The future of AI is"]
     for mode in ("topk", "eval", "surface3d", "per_token"):
-        res = viz.run(compose(base + [f"mode={mode}", "tokens=1", "batch_size=2"]))
+        res = viz.run(viz_cfg(base + [f"mode={mode}", "tokens=1", "batch_size=2"]))
         for p in res["files"]:
             if p.suffix == ".png":
                 assert_picture(p)
