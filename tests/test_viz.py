@@ -258,9 +258,6 @@ def test_options_change_the_output(run_dir, monkeypatch):
     small = pixels(run_dir / "o_opt" / "energy_gap_multi.png")[0].shape
     run_viz(run_dir, monkeypatch, "mode=gap_multi", "steps=2", "dpi=80", "out_dir=o_opt")
     assert pixels(run_dir / "o_opt" / "energy_gap_multi.png")[0].shape[0] > 1.8 * small[0]
-    tok = run_viz(run_dir, monkeypatch, "mode=per_token", "tokens=2", "steps=2",
-                  "prompt=First", "out_dir=o_tok")
-    assert len(tok["tokens"]) == 2 and len(tok["files"]) == 2
     bs = run_viz(run_dir, monkeypatch, "mode=gap", "steps=1", "batch_size=3", "out_dir=o_opt")
     assert bs["x"].shape == (3, 16)
 
