@@ -348,27 +348,31 @@ def test_large_vocab_bpe_shaped_checkpoint(monkeypatch, tmp_path):
 
 
 def test_real_bpe_checkpoint(tmp_path, monkeypatch):
-    """A GPT-2 BPE checkpoint end to end, once data.py can load one (needs tiktoken's files)."""
+    """A BPE checkpoint end to end: data.py's tokenizer (a small rank file trained offline, as
+    in test_data_bpe), labels decoded from the checkpoint's meta, val bits in bpt."""
     import train
-    text = tmp_path / "t.txt"
-    text.write_text((REPO / "shakespeare.txt").read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    dc = DataConfig(data_path=str(text), tokenizer="gpt2", block_size=16, batch_size=2,
-                    val_fraction=0.1)
-    try:
-        load_data(dc)
-    except Exception as e:  # noqa: BLE001 - not built yet, or no network for tiktoken's files
-        pytest.skip(f"BPE data not available here: {type(e).__name__}: {str(e)[:80]}")
+    from tests.test_data_bpe import train_ranks, write_ranks
+    text = (REPO / "shakespeare.txt").read_text(encoding="utf-8")[:20000]
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    ranks = write_ranks(tmp_path / "small.tiktoken", train_ranks(text, 60))  # V = 317 > 256
+    dc = DataConfig(data_path=str(tmp_path / "t.txt"), tokenizer="gpt2", bpe_encoding=str(ranks),
+                    block_size=16, batch_size=2, cache_dir=str(tmp_path / "cache"))
     train.train(TrainRunConfig(
         model=ModelConfig(n_layer=1, n_head=2, n_embd=32, dropout=0.0, think_steps=1), data=dc,
         train=TrainConfig(max_steps=3, warmup_iters=1, eval_interval=1000, eval_iters=1,
                           save_interval=0, device="cpu"), out_dir=str(tmp_path / "out_ebt")))
     monkeypatch.chdir(tmp_path)
+    tok = tokenizer_from_meta(load_checkpoint("out_ebt/final.pt")["meta"])
     base = ["--checkpoint=out_ebt/final.pt", "device=cpu", *VIZ_SMALL, "steps=2",
-            "prompt=The future of AI is"]
-    for mode in ("topk", "eval", "surface3d", "per_token"):
-        res = viz.run(viz_cfg(base + [f"mode={mode}", "tokens=1", "batch_size=2"]))
-        for p in res["files"]:
-            if p.suffix == ".png":
-                assert_picture(p)
-        if mode == "eval":
-            assert "bpt" in res
+            "prompt=The future of AI is", "batch_size=2"]
+    top = viz.run(viz_cfg(base + ["mode=topk", "topk=5"]))
+    assert top["scope"] == "all 317 tokens" and len(top["ids"]) == 5
+    word = next(i for i in range(256, 316) if tok.decode([i]).isalpha())  # a merged token
+    assert viz.P.token_label(tok, word) == tok.decode([word]) and len(tok.decode([word])) >= 2
+    ev = viz.run(viz_cfg(base + ["mode=eval"]))
+    assert "bpt" in ev and ev["loss"][0] == pytest.approx(ev["loss_s1"])
+    m = viz.run(viz_cfg(base + ["mode=margin"]))
+    assert m["n_compared"] == 255  # V > 256: the true token and 255 random others
+    for mode in ("surface3d", "per_token"):
+        for p in viz.run(viz_cfg(base + [f"mode={mode}", "tokens=1"]))["files"]:
+            assert_picture(p)
