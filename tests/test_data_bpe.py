@@ -304,7 +304,7 @@ def test_memory_flat_as_shards_grow(rank_file, tmp_path):
     extra = tok8 - tok2  # 2.8M tokens: kept in RAM they would cost 36 B each as a Python list
     assert heap8 - heap2 < 0.1 * extra, res  # (the old loader), 8 as int64, 2 even as uint16
     assert heap8 < 32e6, res  # bounded by one batch of documents, not by the corpus
-    assert rss8 - rss2 < 6 * extra, res  # looser: allocator noise
+    assert rss8 - rss2 < 12 * extra, res  # looser: allocator noise and file-backed memmap pages
 
 
 # -------------------------------------------------------------------- training end to end
