@@ -1,17 +1,36 @@
-"""Contrastive energy shaping: CD, PCD and fast-PCD (SPEC §4), on tiny CPU models."""
+"""Contrastive energy shaping: CD, PCD and fast-PCD (SPEC §4), on tiny CPU models, plus the
+users' contrastive / long-run train.py commands with small sizes appended.
+
+    uv run pytest tests/test_contrastive.py
+"""
 import json
+import math
 import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoebm.config import ModelConfig, TrainRunConfig
+import train as train_py
+from nanoebm.config import ModelConfig
 from nanoebm.losses import EnergyShaping, ebt_loss, energy_margin, langevin, last_landscape
 from nanoebm.model import EBT
+from tests.conftest import REPO, SMALL, compose
 
-os.environ["WANDB_MODE"] = "disabled"
 V, T = 11, 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the CI box is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny(**kw) -> ModelConfig:
@@ -240,3 +259,91 @@ def test_energy_state_roundtrip():
     assert all(torch.equal(sh.fast[n], sh2.fast[n]) for n in sh.fast)
     with pytest.raises(ValueError, match="contrastive"):
         EnergyShaping(tiny(contrastive_type="pcd"), model).load_state_dict(sd)
+
+
+# ------------------------------------------------------------------- training runs (train.py)
+def rows(summary):
+    path = Path(summary["run_dir"]) / "metrics.jsonl"
+    return [json.loads(r) for r in path.read_text().splitlines()]
+
+
+TINY_RUN = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "data.block_size=16",
+            "data.batch_size=8", "train.learning_rate=3e-3", "train.warmup_iters=10",
+            "train.eval_iters=4", "train.eval_interval=1000", "model.dropout=0.0"]
+
+
+def test_energies_stay_bounded_over_200_steps_at_weight_1(tmp_path):
+    """The earlier repo's mean energy went 0.2 -> 40 in 300 steps at weight 1. With both phases
+    trained and the square term, energies settle near -+1/(2 reg) = -+5."""
+    s = train_py.train(compose(*TINY_RUN, "data.batch_size=4", "train.max_steps=200",
+                               "train.log_interval=10", "train.eval_iters=1",
+                               "model.use_contrastive=true", "model.contrastive_type=pcd",
+                               "model.contrastive_weight=1.0", f"out_dir={tmp_path}"))
+    logged = [r for r in rows(s) if "E_pos" in r]
+    assert len(logged) == 21 and all(math.isfinite(r["loss"]) for r in logged)
+    for r in logged:
+        for key in ("E_pos", "E_neg", "energy_before", "energy_after"):
+            assert abs(r[key]) < 1 / 0.1, (r["step"], key, r[key])  # 2x the optimum
+    assert logged[-1]["E_pos"] < logged[0]["E_pos"] - 1  # it did shape: data energy went down
+    assert logged[-1]["E_neg"] > logged[-1]["E_pos"] + 1
+    assert {"cd_loss", "energy_margin", "buffer_fill", "restarts"} <= set(logged[-1])
+
+
+def test_cd_improves_the_energy_margin_over_no_contrastive(tmp_path):
+    """Same seed, steps and data: the true token ends below the model's own prediction and the
+    negatives at more val positions when CD is on."""
+    base = [*TINY_RUN, "train.max_steps=100", "train.log_interval=1000"]
+    off = train_py.train(compose(*base, f"out_dir={tmp_path / 'off'}"))
+    on = train_py.train(compose(*base, "model.use_contrastive=true", f"out_dir={tmp_path / 'on'}"))
+    assert on["val_energy_margin"] > off["val_energy_margin"] + 0.2
+    assert on["val_loss"] < off["val_loss"] + 0.1  # and CE did not pay for it
+
+
+CONTRASTIVE_SEED_COMMANDS = [  # shared/seed-commands.md, train.py lines with contrastive
+    "model.use_contrastive=true",
+    "model.use_contrastive=true model.contrastive_type=pcd",
+    "model.use_contrastive=true model.contrastive_type=fast_pcd",
+    "model.use_contrastive=true model.contrastive_type=cd model.contrastive_k=5 "
+    "model.contrastive_weight=0.2 model.langevin_step_size=0.01 model.langevin_noise_scale=0.005",
+    "model.use_contrastive=true model.contrastive_weight=0.1 train.max_steps=100",
+    "model.use_contrastive=true model.contrastive_type=pcd model.contrastive_weight=0.2 "
+    "train.max_steps=100",
+    "model.use_contrastive=true model.contrastive_weight=0.01 model.contrastive_k=1 "
+    "train.max_steps=100",
+]
+
+
+@pytest.mark.parametrize("cmd", CONTRASTIVE_SEED_COMMANDS)
+def test_contrastive_seed_command_runs(cmd, tmp_path):
+    s = train_py.train(compose(*shlex.split(cmd), *SMALL, f"out_dir={tmp_path}"))
+    assert s["step"] == 2 and math.isfinite(s["val_loss"])
+    assert 0 <= s["val_energy_margin"] <= 1
+    last = [r for r in rows(s) if "cd_loss" in r][-1]
+    assert all(math.isfinite(last[k]) for k in ("cd_loss", "E_pos", "E_neg", "energy_margin"))
+
+
+H100_PCD = ("model.n_layer=8 model.n_head=8 model.n_embd=512 model.refine_steps=6 model.dropout=0.2 "
+            "model.use_contrastive=true model.contrastive_type=pcd model.contrastive_k=10 "
+            "model.contrastive_weight=0.15 model.n_persistent=500 data.batch_size=128 "
+            "data.block_size=256 train.max_steps=10000 train.learning_rate=6e-4 train.compile=true "
+            "wandb_project=nanoebm wandb_name=h100_8L_512d_pcd10_shakespeare")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["pcd", "fast_pcd"])
+def test_long_run_command_with_compile_runs_from_the_shell(kind, tmp_path):
+    """The users' long H100 PCD command (legacy refine_steps, train.compile=true, W&B) through
+    the real CLI with small sizes appended; fast_pcd must survive torch.compile as well."""
+    cmd = H100_PCD.replace("contrastive_type=pcd", f"contrastive_type={kind}")
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "train.py", *shlex.split(cmd), *SMALL,
+                        "train.save_interval=0", f"out_dir={tmp_path}"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "legacy option model.refine_steps=6 -> model.think_steps=6" in r.stdout
+    assert "done: 2 steps" in r.stdout and " cd " in r.stdout  # contrastive metrics on the console
+    ck = torch.load(tmp_path / "final.pt", weights_only=True)
+    state = ck["shaping"][0]
+    assert state["z"].shape == ((500 if kind == "pcd" else 20), 16, 65)
+    if kind == "fast_pcd":
+        assert any(f.abs().sum() > 0 for f in state["fast"].values())

@@ -1,6 +1,6 @@
 """The reference System-2 recipe: replay buffer, Langevin noise, randomised alpha and step count,
 the ebt_s1/ebt_s2 presets, and exact resume with the energy-shaping state."""
-import os
+import random
 from pathlib import Path
 
 import pytest
@@ -11,12 +11,19 @@ from nanoebm.config import ModelConfig
 from nanoebm.losses import EnergyShaping, ReplayBuffer, ebt_loss, train_think_steps
 from nanoebm.model import EBT
 from nanoebm.think import think
+import train as train_py
+from tests.conftest import SMALL, compose
 
-os.environ["WANDB_MODE"] = "disabled"
-ROOT = Path(__file__).resolve().parent.parent
 V, T = 11, 8
-SMALL = ["train.max_steps=2", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-         "data.block_size=16", "data.batch_size=2", "train.eval_iters=1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the CI box is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny(**kw) -> ModelConfig:
@@ -31,16 +38,9 @@ def batch(B=4, seed=1):
 
 
 def run_train(overrides, out_dir):
-    """train.py's train(cfg) on a Hydra-composed config (the same path as the command line)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-    from nanoebm.config import register_configs, rewrite_argv
-    import train as train_py
-    args, _ = rewrite_argv(list(overrides))
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=args + [f"out_dir={out_dir}"])
-    return train_py.train(OmegaConf.to_object(cfg)), cfg
+    """train.py's train(cfg) on the config the command line would build."""
+    cfg = compose(*overrides, f"out_dir={out_dir}")
+    return train_py.train(cfg), cfg
 
 
 # ------------------------------------------------------------------------- replay buffer
@@ -115,7 +115,7 @@ def test_langevin_noise_adds_gaussian_before_each_step_in_training_only():
     assert ebt_loss(model, x, y)[0].item() == ebt_loss(model, x, y)[0].item()
 
 
-def test_think_lr_random_scale_draws_alpha_per_token_in_training_only():
+def test_think_lr_random_scale_draws_alpha_per_token_in_training_only(monkeypatch):
     torch.manual_seed(0)
     cfg = tiny(think_grad="logits", think_lr=2.0)
     model = EBT(cfg)
@@ -131,22 +131,18 @@ def test_think_lr_random_scale_draws_alpha_per_token_in_training_only():
     assert a_tok.min() >= 2.0 / 3 - 1e-3 and a_tok.max() <= 2.0 * 3 + 1e-3
     assert a_tok.std() > 0.3  # really drawn per token
     # ebt_loss passes the scale only in training
-    seen = []
-    monkey = losses.think
-    losses.think = lambda *a, **kw: seen.append(kw["random_scale"]) or monkey(*a, **kw)
-    try:
-        model.cfg = tiny(think_grad="logits", think_lr_random_scale=3.0)
-        ebt_loss(model, *batch())
-        model.eval()
-        ebt_loss(model, *batch())
-    finally:
-        losses.think = monkey
+    seen, real_think = [], losses.think
+    monkeypatch.setattr(losses, "think",
+                        lambda *a, **kw: seen.append(kw["random_scale"]) or real_think(*a, **kw))
+    model.cfg = tiny(think_grad="logits", think_lr_random_scale=3.0)
+    ebt_loss(model, *batch())
+    model.eval()
+    ebt_loss(model, *batch())
     assert seen == [3.0, 1.0]
 
 
 def test_think_steps_random_trains_on_k_to_k_plus_r_and_evaluates_on_k_plus_r():
-    random_state = __import__("random")
-    random_state.seed(0)
+    random.seed(0)
     model = EBT(tiny(think_steps=1, think_steps_random=2))
     drawn = {train_think_steps(model) for _ in range(60)}
     assert drawn == {1, 2, 3}
@@ -176,9 +172,8 @@ def test_ebt_s1_and_s2_presets_mirror_the_reference_and_run(tmp_path):
     assert ck["shaping"][0]["replay"]["n"] == 8  # 2 steps x 2 micro-batches x 2 fresh rows
 
 
-RESUME = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data.block_size=16",
-          "data.batch_size=2", "train.eval_iters=1", "train.max_steps=4", "train.save_interval=2",
-          "train.eval_interval=100", "model.dropout=0.1", "model.use_contrastive=true",
+RESUME = [*SMALL, "train.max_steps=4", "train.save_interval=2", "model.dropout=0.1",
+          "model.use_contrastive=true",
           "model.replay_buffer_size=4", "model.n_persistent=3", "model.n_chains=3",
           "model.restart_prob=0.3", "model.langevin_noise_scale=0.1", "model.langevin_noise=0.5"]
 
