@@ -195,9 +195,9 @@ def train(cfg: TrainRunConfig) -> dict:
                 if "energy_margin" in row:
                     extra += f" | margin {row['energy_margin']:.2f}"
                 if "cd_loss" in row:  # contrastive phases, persistent-chain bookkeeping
-                    extra += (f" | cd {row['cd_loss']:.3f} E+ {row['E_pos']:.2f} E- {row['E_neg']:.2f}"
-                              + (f" fill {row['buffer_fill']:.2f} restarts {row['restarts']:.0f}"
-                                 if "buffer_fill" in row else ""))
+                    extra += f" | cd {row['cd_loss']:.3f} E+ {row['E_pos']:.2f} E- {row['E_neg']:.2f}"
+                    if "buffer_fill" in row:
+                        extra += f" fill {row['buffer_fill']:.2f} restarts {row['restarts']:.0f}"
                 print(f"step {step:6d}/{tc.max_steps} | loss {row['loss']:.4f} | ppl {row['ppl']:.2f} | "
                       f"{data.bits_name} {row[data.bits_name]:.3f} | lr {lr:.2e}{extra} | "
                       f"{tok_s / 1e3:.1f}k tok/s | eta {rt.fmt_time(eta)}")

@@ -166,7 +166,8 @@ class EnergyShaping:
             (cfg.langevin_step_size >= 0 and cfg.langevin_noise_scale >= 0,
              "model.langevin_step_size and model.langevin_noise_scale must be >= 0"),
             (0 <= cfg.restart_prob <= 1, "model.restart_prob must be in [0, 1]"),
-            (cfg.n_persistent >= 1 and cfg.n_chains >= 1, "model.n_persistent and model.n_chains must be >= 1"),
+            (cfg.n_persistent >= 1 and cfg.n_chains >= 1,
+             "model.n_persistent and model.n_chains must be >= 1"),
             (0 <= cfg.fast_decay <= 1, "model.fast_decay must be in [0, 1]"),
             (cfg.replay_buffer_size >= 0, "model.replay_buffer_size must be >= 0"),
             (0 < cfg.replay_fraction <= 1, "model.replay_fraction must be in (0, 1]"),
@@ -203,7 +204,8 @@ class EnergyShaping:
         new = idx[~used | restart]
         if len(new):
             self.x[new] = x[torch.randint(B, (len(new),))]
-            self.z[new] = torch.randn(len(new), T, cfg.vocab_size, device=x.device) * cfg.buffer_init_std
+            noise = torch.randn(len(new), T, cfg.vocab_size, device=x.device)  # (n_new, T, V)
+            self.z[new] = noise * cfg.buffer_init_std
             self.used[new] = True
         self.restarts = int(restart.sum())
         self.restarts_total += self.restarts
@@ -256,7 +258,7 @@ class EnergyShaping:
 
     def update_fast(self, grads) -> None:
         """theta_fast <- fast_decay * theta_fast - fast_lr * grad (None = zero gradient)."""
-        for (n, f), g in zip(self.fast.items(), grads):
+        for f, g in zip(self.fast.values(), grads):
             f.mul_(self.cfg.fast_decay)
             if g is not None:
                 f.sub_(self.cfg.fast_lr * g.detach().to(f.dtype))

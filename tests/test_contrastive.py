@@ -67,7 +67,8 @@ def test_positive_phase_has_gradient_negatives_carry_no_graph(kind):
     z_pred = ctx.s1_logits.detach()
     loss, parts = sh.contrastive(model, ctx, y, z_pred, neg)
     params = [p for p in model.parameters() if p.requires_grad]
-    g_pos = torch.autograd.grad(parts["E_pos_t"].mean(), params, retain_graph=True, allow_unused=True)
+    g_pos = torch.autograd.grad(parts["E_pos_t"].mean(), params, retain_graph=True,
+                                allow_unused=True)
     named = dict(zip([n for n, p in model.named_parameters() if p.requires_grad], g_pos))
     for name in ("energy_head.weight", "blocks.0.attn.qkv.weight", "wte.weight"):
         assert named[name] is not None and named[name].abs().sum() > 0, name
@@ -76,7 +77,8 @@ def test_positive_phase_has_gradient_negatives_carry_no_graph(kind):
     ref = Ep.mean() - En.mean() + cfg.contrastive_reg * (Ep.pow(2).mean() + En.pow(2).mean())
     torch.testing.assert_close(loss, ref)
     # the positive is the true next token as a one-hot candidate
-    torch.testing.assert_close(Ep, model.energy(ctx, F.one_hot(y, V).float(), step=last_landscape(cfg)))
+    onehot = F.one_hot(y, V).float()  # (B, T, V)
+    torch.testing.assert_close(Ep, model.energy(ctx, onehot, step=last_landscape(cfg)))
     if neg is not None:
         assert neg[1].grad_fn is None and not neg[1].requires_grad
         assert sh.z.grad_fn is None and not sh.z.requires_grad
@@ -322,8 +324,8 @@ def test_contrastive_seed_command_runs(cmd, tmp_path):
     assert all(math.isfinite(last[k]) for k in ("cd_loss", "E_pos", "E_neg", "energy_margin"))
 
 
-H100_PCD = ("model.n_layer=8 model.n_head=8 model.n_embd=512 model.refine_steps=6 model.dropout=0.2 "
-            "model.use_contrastive=true model.contrastive_type=pcd model.contrastive_k=10 "
+H100_PCD = ("model.n_layer=8 model.n_head=8 model.n_embd=512 model.refine_steps=6 "
+            "model.dropout=0.2 model.use_contrastive=true model.contrastive_type=pcd model.contrastive_k=10 "
             "model.contrastive_weight=0.15 model.n_persistent=500 data.batch_size=128 "
             "data.block_size=256 train.max_steps=10000 train.learning_rate=6e-4 train.compile=true "
             "wandb_project=nanoebm wandb_name=h100_8L_512d_pcd10_shakespeare")
