@@ -25,7 +25,7 @@ from nanoebm.checkpoint import atomic_save, load_checkpoint, model_config_from_d
 from nanoebm.config import TrainRunConfig, apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.evaluate import curve_metrics, thinking_curve
-from nanoebm.losses import ebt_loss
+from nanoebm.losses import EnergyShaping, ebt_loss, val_energy_margin
 from nanoebm.model import EBT
 from nanoebm import runtime as rt
 
@@ -83,6 +83,10 @@ def train(cfg: TrainRunConfig) -> dict:
         opt.load_state_dict(resume["optimizer"])
         rt.set_rng_state(resume["rng"][min(rank, len(resume["rng"]) - 1)], data_gen)
         step = resume["step"]
+    # contrastive chains, fast weights, replay buffer: state beside the model, checkpointed too
+    shaping = EnergyShaping(model.cfg, model)
+    if resume is not None and "shaping" in resume:
+        shaping.load_state_dict(resume["shaping"][min(rank, len(resume["shaping"]) - 1)], device)
     if tc.compile:  # only the context stream: torch.compile has no double backward
         model.context = torch.compile(model.context)
     B, T, accum = cfg.data.batch_size, cfg.data.block_size, tc.grad_accum_steps
@@ -111,17 +115,19 @@ def train(cfg: TrainRunConfig) -> dict:
               f"({model.cfg.think_init} start, {model.cfg.think_grad} grad) | run {run_dir}")
 
     def save(name: str, step_done: int) -> Path:
-        # gather every rank's RNG so a DDP resume restores each rank's own data order
-        states = [rt.rng_state(data_gen)]
+        # gather every rank's RNG and chains so a DDP resume restores each rank's own state
+        local = (rt.rng_state(data_gen), shaping.state_dict())
+        states = [local]
         if world > 1:
             states = [None] * world
-            dist.all_gather_object(states, rt.rng_state(data_gen))
+            dist.all_gather_object(states, local)
         path = run_dir / name if master else None
         if master:
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "model_config": dataclasses.asdict(model.cfg),
                          "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-                         "meta": data.meta, "step": step_done, "rng": states}, path)
+                         "meta": data.meta, "step": step_done, "rng": [s[0] for s in states],
+                         "shaping": [s[1] for s in states]}, path)
         return path
 
     last_eval, t0, t_last = {}, time.time(), time.time()
@@ -131,14 +137,18 @@ def train(cfg: TrainRunConfig) -> dict:
         t_eval = time.time()
         curve = thinking_curve(model, val_batches, eval_steps, seed=tc.seed, autocast=autocast)
         m = curve_metrics(curve, data.bits_name)
+        if eval_steps > 0 or model.cfg.use_contrastive:  # true token below prediction/negatives?
+            em = val_energy_margin(model, val_batches, eval_steps, seed=tc.seed, autocast=autocast)
+            m.update({f"val_{k}": v for k, v in em.items()})
         if not math.isfinite(m["val_loss"]):
             raise TrainingDiverged(f"val loss is {m['val_loss']} at step {step_now}")
         if master:
             log.write({"step": step_now, "elapsed_s": t_eval - t0 - eval_s[0], **m})
             s1 = f" | S1 {m['val_loss_s1']:.4f}" if "val_loss_s1" in m else ""
             ks = " ".join(f"{v:.3f}" for v in curve["loss_k"])
+            em = f" | margin {m['val_energy_margin']:.3f}" if "val_energy_margin" in m else ""
             print(f"eval step {step_now}: val_loss {m['val_loss']:.4f} | val_{data.bits_name} "
-                  f"{m['val_' + data.bits_name]:.4f}{s1} | val_loss by think step k=0..: {ks}")
+                  f"{m['val_' + data.bits_name]:.4f}{s1}{em} | val_loss by think step k=0..: {ks}")
         nonlocal t_last
         eval_s[0] += time.time() - t_eval
         t_last += time.time() - t_eval  # tokens/s counts training time only
@@ -159,7 +169,8 @@ def train(cfg: TrainRunConfig) -> dict:
             for micro in range(accum):
                 x, y = data.get_batch("train", B, T, data_gen, device)
                 with autocast:
-                    loss, m = ebt_loss(model, x, y, want_metrics=log_now and micro == accum - 1)
+                    loss, m = ebt_loss(model, x, y, want_metrics=log_now and micro == accum - 1,
+                                       shaping=shaping)
                 (loss / accum).backward()
             rt.allreduce_grads(model.parameters(), world)
             if tc.grad_clip > 0:
@@ -190,6 +201,12 @@ def train(cfg: TrainRunConfig) -> dict:
                     ks = "/".join(f"{row[f'ce_k{k}']:.3f}" for k in range(eval_steps + 1) if f"ce_k{k}" in row)
                     extra = (f" | alpha {row['alpha']:.3f} | E {row['energy_before']:.3f}->"
                              f"{row['energy_after']:.3f} | ce_k {ks}")
+                if "energy_margin" in row:
+                    extra += f" | margin {row['energy_margin']:.2f}"
+                if "cd_loss" in row:  # contrastive phases, persistent-chain bookkeeping
+                    extra += f" | cd {row['cd_loss']:.3f} E+ {row['E_pos']:.2f} E- {row['E_neg']:.2f}"
+                    if "buffer_fill" in row:
+                        extra += f" fill {row['buffer_fill']:.2f} restarts {row['restarts']:.0f}"
                 print(f"step {step:6d}/{tc.max_steps} | loss {row['loss']:.4f} | ppl {row['ppl']:.2f} | "
                       f"{data.bits_name} {row[data.bits_name]:.3f} | lr {lr:.2e}{extra} | "
                       f"{tok_s / 1e3:.1f}k tok/s | eta {rt.fmt_time(eta)}")

@@ -48,20 +48,20 @@ class ModelConfig:
     think_lr_per_step: bool = False     # one alpha per think step (steps past K reuse the last)
     # contrastive energy shaping (SPEC §4)
     use_contrastive: bool = False
-    contrastive_type: str = "cd"  # cd | pcd | fast_pcd
+    contrastive_type: str = "cd"  # cd | pcd | fast_pcd (where the negative chains start)
     contrastive_weight: float = 0.1
-    contrastive_k: int = 1
-    contrastive_reg: float = 0.1
-    langevin_step_size: float = 0.01
+    contrastive_k: int = 1       # Langevin steps per negative sample and training step
+    contrastive_reg: float = 0.1  # reg*(E_pos^2 + E_neg^2): energies settle near -+1/(2 reg)
+    langevin_step_size: float = 0.01   # z <- z - step * dE/dz + noise_scale * N(0, I)
     langevin_noise_scale: float = 0.005
-    n_persistent: int = 100
-    n_chains: int = 20
-    restart_prob: float = 0.05
+    n_persistent: int = 100      # pcd: records (window + logits); min(B, n) continued per step
+    n_chains: int = 20           # fast_pcd: chains, all continued every step
+    restart_prob: float = 0.05   # per selected chain and step: new window, z ~ N(0, init_std^2)
     buffer_init_std: float = 1.0
-    fast_lr: float = 0.01
+    fast_lr: float = 0.01        # fast_pcd: fast <- fast_decay * fast - fast_lr * grad_neg
     fast_decay: float = 0.95
-    replay_buffer_size: int = 0
-    replay_fraction: float = 0.5
+    replay_buffer_size: int = 0  # records of (window, final logits); 0 = off (reference S2: 192)
+    replay_fraction: float = 0.5  # extra rows per batch, as a fraction of the batch size
 
 
 @dataclass
