@@ -232,6 +232,9 @@ def main(cfg) -> None:
         train(OmegaConf.to_object(cfg))
     except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
         raise SystemExit(f"error: {e}") from None
+    finally:
+        if dist.is_initialized():  # torchrun: leave the process group cleanly
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
