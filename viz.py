@@ -26,7 +26,6 @@ import math
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 

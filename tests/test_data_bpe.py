@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
-import torch
 
 import nanoebm.data as D
 from nanoebm.config import DataConfig
@@ -62,14 +61,6 @@ def ranks():
 @pytest.fixture(scope="module")
 def rank_file(ranks, tmp_path_factory):
     return write_ranks(tmp_path_factory.mktemp("enc") / "small.tiktoken", ranks)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny models: extra threads only fight the other processes on the machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_shards(folder: Path, n: int, docs: int = 40, lines: int = 12, seed: int = 0) -> list:
