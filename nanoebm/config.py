@@ -46,6 +46,7 @@ class ModelConfig:
     think_improve_weight: float = 0.0  # + w * mean_t relu(CE_{k+1,t} - CE_{k,t}): no step may hurt
     think_normalize_grad: bool = False  # g <- g / rms_V(g) per position: alpha = RMS logit move
     think_lr_per_step: bool = False     # one alpha per think step (steps past K reuse the last)
+    think_prox_weight: float = 0.0      # + prox * (z - z_0) per step: converge, don't drift
     # contrastive energy shaping (SPEC §4)
     use_contrastive: bool = False
     contrastive_type: str = "cd"  # cd | pcd | fast_pcd (where the negative chains start)

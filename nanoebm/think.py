@@ -6,6 +6,7 @@ One step k (SPEC §3):
     p       = softmax(z / tau)
     J       = sum_t E_t(x, p) - entropy_weight * sum_t H(p_t)
     g       = dJ/dp  (think_grad=probs|hybrid)  or  dJ/dz  (think_grad=logits)
+    g       = g + think_prox_weight * (base - base_0)     pull toward the start z_0 (or p_0)
     g       = clamp(g, +-think_max_move / alpha)          if think_max_move > 0
     z_next  = p - alpha*g (probs) | z - alpha*g (logits, hybrid)
 
@@ -72,6 +73,10 @@ def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_grap
         scale = 1 / random_scale + u * (random_scale - 1 / random_scale)
     out = ThinkOut(z0=z0)
     z = z0
+    prox = cfg.think_prox_weight
+    if prox:  # the anchor of the proximal pull; detached like the chain it anchors
+        anchor = z0.detach() if cfg.detach_refine else z0
+        anchor = torch.softmax(anchor / tau, -1) if cfg.think_grad == "probs" else anchor
     with torch.enable_grad():  # thinking needs dE/dz even inside no_grad evaluation
         for k in range(steps):
             graph = create_graph and (not cfg.truncate_refine or k == steps - 1)
@@ -87,10 +92,12 @@ def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_grap
             alpha = (alphas[min(k, alphas.numel() - 1)] if alphas.dim() else alphas) * scale
             if cfg.think_normalize_grad:  # fixed-size steps: the landscape sets only the direction
                 g = g / (g.pow(2).mean(-1, keepdim=True).sqrt() + 1e-8)
+            base = p if cfg.think_grad == "probs" else z
+            if prox:  # J + prox/2 |base - base_0|^2: repeated steps settle at a fixed point
+                g = g + prox * (base - anchor)
             if cfg.think_max_move > 0:  # trust region: no logit moves more than max_move
                 bound = cfg.think_max_move / alpha
                 g = torch.maximum(torch.minimum(g, bound), -bound)
-            base = p if cfg.think_grad == "probs" else z
             z_next = base - alpha * g
             if accept_lower_energy:  # keep the step only where it lowers that position's E
                 with torch.no_grad():
