@@ -59,12 +59,11 @@ def train(cfg: TrainRunConfig) -> dict:
     rank, _, world, device = rt.ddp_setup(rt.pick_device(tc.device))
     master = rank == 0
     autocast, dtype = rt.autocast_for(device, tc.dtype)
-    torch.manual_seed(tc.seed + rank)
-    random.seed(tc.seed + rank)
+    torch.manual_seed(tc.seed)  # same seed on every rank: identical initial weights
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    data = load_data(cfg.data, rank=rank, world=world)  # under DDP: this rank's train slice
+    data = load_data(cfg.data, rank=rank, world=world)
     resume = load_checkpoint(cfg.load_checkpoint) if cfg.load_checkpoint else None
     if resume is not None:  # the architecture comes from the checkpoint, not the command line
         cfg = dataclasses.replace(cfg, model=model_config_from_dict(resume["model_config"]))
@@ -73,10 +72,13 @@ def train(cfg: TrainRunConfig) -> dict:
             raise ValueError(f"{cfg.load_checkpoint} was trained on a different vocabulary than "
                              f"{cfg.data.data_path}: resume with the same data.* settings")
     model = build_model(cfg, data.vocab_size).to(device)
+    torch.manual_seed(tc.seed + rank)  # from here on: per-rank noise, dropout, random K
+    random.seed(tc.seed + rank)
     groups = model.optim_groups(tc.weight_decay, tc.learning_rate, model.cfg.think_lr_lr_multiplier)
     fused = device.startswith("cuda")
     opt = torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), fused=fused)
-    data_gen = torch.Generator().manual_seed(tc.seed + 1000 * rank)  # this rank's data order
+    # one data order for all ranks: each keeps its rows of the global batch (world x B windows)
+    data_gen = torch.Generator().manual_seed(tc.seed)
     step = 0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -167,11 +169,10 @@ def train(cfg: TrainRunConfig) -> dict:
                 g["lr"] = lr * g["lr_mult"]
             log_now = master and (step % tc.log_interval == 0 or step == tc.max_steps - 1)
             for micro in range(accum):
-                x, y = data.get_batch("train", B, T, data_gen, device)
-                with autocast:
+                x, y = data.get_batch("train", B, T, data_gen, device, rank, world)
+                with autocast:  # backward inside: per think step when detach_refine
                     loss, m = ebt_loss(model, x, y, want_metrics=log_now and micro == accum - 1,
-                                       shaping=shaping)
-                (loss / accum).backward()
+                                       shaping=shaping, backward_scale=1.0 / accum)
             rt.allreduce_grads(model.parameters(), world)
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

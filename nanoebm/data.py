@@ -12,7 +12,7 @@ beside the text file or in `data.cache_dir`, and read back with np.memmap: later
 well under a second. The cache key covers the tokenizer and every source file's name, size and
 mtime, so changing shards, encoding or max_shards builds a new one.
 Validation: the last shard (parquet), or the last `data.val_fraction` of the tokens (text files:
-0.1 by default). Under DDP each rank draws its windows from its own slice of the train tokens.
+0.1 by default). Under DDP each rank keeps its rows of one shared global batch (get_batch).
 """
 from __future__ import annotations
 
@@ -183,10 +183,13 @@ class TokenData:
         return self.tokenizer.meta
 
     def get_batch(self, split: str, batch_size: int, block_size: int,
-                  generator: torch.Generator, device="cpu"):
-        """Random windows: x = ids[i:i+T], y = ids[i+1:i+T+1], each (B, T) int64."""
+                  generator: torch.Generator, device="cpu", rank: int = 0, world: int = 1):
+        """Random windows: x = ids[i:i+T], y = ids[i+1:i+T+1], each (B, T) int64. Under DDP
+        every rank draws the same global batch of world * B windows (same generator seed) and
+        keeps rows rank*B..(rank+1)*B: N ranks compute exactly one process's world*B batch."""
         data = self.train if split == "train" else self.val
-        starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+        starts = torch.randint(len(data) - block_size - 1, (world * batch_size,), generator=generator)
+        starts = starts[rank * batch_size:(rank + 1) * batch_size]  # (B,) this rank's rows
         x = np.stack([data[i:i + block_size] for i in starts.tolist()]).astype(np.int64)
         y = np.stack([data[i + 1:i + 1 + block_size] for i in starts.tolist()]).astype(np.int64)
         x, y = torch.from_numpy(x), torch.from_numpy(y)  # (B, T) each
@@ -383,7 +386,7 @@ def load_cached(cfg: DataConfig, path: Path, sources: list[Path], tok, rank_buil
 # ------------------------------------------------------------------------------------ entry
 def load_data(cfg: DataConfig, rank: int = 0, world: int = 1) -> TokenData:
     """Load the configured corpus and check it is long enough for data.block_size. Under DDP
-    (world > 1) the train split is this rank's contiguous 1/world slice."""
+    (world > 1) only local rank 0 builds a token cache; the rest wait and map it."""
     if cfg.tokenizer not in ("char", "gpt2"):
         raise ValueError(f"data.tokenizer={cfg.tokenizer!r}: use char or gpt2 (BPE; pick the "
                          "tiktoken vocabulary with data.bpe_encoding)")
@@ -407,9 +410,6 @@ def load_data(cfg: DataConfig, rank: int = 0, world: int = 1) -> TokenData:
         split = offsets[-1] if frac is None and parquet else n - int(math.ceil(n * (frac or 0.1)))
         data = TokenData(train=tokens[:split], val=tokens[split:], tokenizer=tok,
                          bits_name="bpt" if cfg.tokenizer == "gpt2" else "bpb")
-    if world > 1:  # each rank samples windows from its own part of the train tokens
-        n = len(data.train)
-        data.train = data.train[rank * n // world:(rank + 1) * n // world]
     for split_name, arr in (("train", data.train), ("val", data.val)):
         if len(arr) < cfg.block_size + 2:
             raise ValueError(f"{split_name} split has {len(arr)} tokens, too short for "

@@ -45,13 +45,12 @@ def ce(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.
     return F.cross_entropy(at_least_f32(logits).flatten(0, 1), y.flatten(), reduction=reduction)
 
 
-def step_weighted(ces: list, how: str) -> torch.Tensor:
-    """Combine the per-step CEs: mean (SPEC default), last only, or linear weights 1..K."""
+def step_weights(K: int, how: str) -> list[float]:
+    """Weights of the K per-step CEs: mean (SPEC default), last only, or linear 1..K."""
     if how == "last":
-        return ces[-1]
-    w = torch.arange(1, len(ces) + 1, dtype=torch.float32) if how == "linear" else torch.ones(len(ces))
-    w = (w / w.sum()).tolist()
-    return sum(wk * c for wk, c in zip(w, ces))
+        return [0.0] * (K - 1) + [1.0]
+    w = list(range(1, K + 1)) if how == "linear" else [1] * K
+    return [wk / sum(w) for wk in w]
 
 
 def train_think_steps(model: EBT) -> int:
@@ -307,9 +306,15 @@ class EnergyShaping:
 
 # ------------------------------------------------------------------------------- the loss
 def ebt_loss(model: EBT, x: torch.Tensor, y: torch.Tensor, *, want_metrics: bool = False,
-             shaping: EnergyShaping | None = None):
+             shaping: EnergyShaping | None = None, backward_scale: float | None = None):
     """One training forward: context stream once, K think steps, CE per step (+ contrastive).
-    Returns (loss, metrics); metrics are detached device tensors (no host syncs here)."""
+    Returns (loss, metrics); metrics are detached device tensors (no host syncs here).
+
+    backward_scale=s also backpropagates s * loss and returns it detached. With detach_refine
+    (no step reaches back into an earlier one) each step's loss is backpropagated as soon as
+    the step is built, so only one step's second-order graph is alive at a time; the gradients
+    arriving at the shared keys/values collect on leaf copies and go through the context stream
+    in one pass at the end. Same loss and gradients as loss.backward(), less memory."""
     cfg, training = model.cfg, model.training
     if shaping is None and (cfg.use_contrastive or cfg.replay_buffer_size > 0):
         raise ValueError("model.use_contrastive / model.replay_buffer_size keep state between "
@@ -327,6 +332,8 @@ def ebt_loss(model: EBT, x: torch.Tensor, y: torch.Tensor, *, want_metrics: bool
     K = train_think_steps(model)
     m = {}
     loss_s1 = ce(ctx.s1_logits, y) if model.has_s1 else None
+    stepwise = (backward_scale is not None and training and K > 0 and cfg.detach_refine
+                and not contrastive and replay is None and torch.is_grad_enabled())
     if K == 0:
         loss = loss_s1
         m["ce_s1"] = loss_s1.detach()
@@ -335,31 +342,52 @@ def ebt_loss(model: EBT, x: torch.Tensor, y: torch.Tensor, *, want_metrics: bool
         z0 = initial_logits(model, ctx, x.shape[1])
         if z_replay is not None:  # replay rows restart from their stored final candidate
             z0 = torch.cat([z0[:B], z_replay])
+        ctx_graph = ctx
+        if stepwise:  # think on leaf copies of the keys/values; their .grad collects the steps'
+            ctx = Context(kv=[(k.detach().requires_grad_(), v.detach().requires_grad_())
+                              for k, v in ctx.kv], s1_logits=ctx.s1_logits)
+        w = step_weights(K, "last" if cfg.truncate_refine else cfg.think_loss)
+        prev = [ce(z0, y, reduction="none").detach()]  # per-token CE before each step
+        ces, parts = [], []
+
+        def step_loss(k: int, z_next: torch.Tensor) -> None:
+            c = ce(z_next, y, reduction="none")  # (B*T,) CE after step k+1
+            part = w[k] * c.mean()
+            if cfg.think_improve_weight > 0:  # penalise any token this step makes worse
+                part = part + cfg.think_improve_weight / K * (c - prev[-1]).relu().mean()
+            prev.append(c.detach())
+            ces.append(c.detach().mean())
+            if stepwise and part.requires_grad:  # free this step's graph now
+                (part * backward_scale).backward()
+                part = part.detach()
+            parts.append(part)
+
         scale = cfg.think_lr_random_scale if training else 1.0
         out = think(model, ctx, z0, K, create_graph=training, random_scale=scale,
-                    noise=None if training else 0.0, final_energy=want_metrics)
-        tok_ces = [ce(z, y, reduction="none") for z in out.logits]  # per-token CE after each step
-        ces = [c.mean() for c in tok_ces]
-        loss = step_weighted(ces, "last" if cfg.truncate_refine else cfg.think_loss)
-        if cfg.think_improve_weight > 0:  # penalise any token a step makes worse than its start
-            prev = [ce(z0, y, reduction="none")] + tok_ces[:-1]
-            hurt = torch.stack([(c - p.detach()).relu().mean()
-                                for c, p in zip(tok_ces, prev)]).mean()
-            loss = loss + cfg.think_improve_weight * hurt
+                    noise=None if training else 0.0, final_energy=want_metrics, on_step=step_loss)
+        loss = sum(parts)
         if loss_s1 is not None and cfg.aux_ce_weight > 0:
             loss = loss + cfg.aux_ce_weight * loss_s1
+        if stepwise:  # one backward through the context stream: S1 CE + the collected kv grads
+            roots = [(t, leaf.grad) for kv, kv_leaf in zip(ctx_graph.kv, ctx.kv)
+                     for t, leaf in zip(kv, kv_leaf) if leaf.grad is not None]
+            if loss.requires_grad:  # the S1 term
+                roots.append((loss * backward_scale, None))
+            if roots:
+                torch.autograd.backward([r for r, _ in roots], [g for _, g in roots])
+            loss = loss.detach()
         if replay is not None:  # only fresh rows become records
             replay.push(x[:B], y[:B], out.final[:B])
         z_pred = out.final
         if want_metrics:
-            m["ce_k0"] = ce(z0, y).detach()
+            m["ce_k0"] = prev[0].mean()
             for k, c in enumerate(ces):
-                m[f"ce_k{k + 1}"] = c.detach()
+                m[f"ce_k{k + 1}"] = c
             if loss_s1 is not None:
                 m["ce_s1"] = loss_s1.detach()
             m["energy_before"] = out.energies[0].detach().mean()
             m["energy_after"] = out.final_energy.mean()
-        m["ce_think"] = ces[-1].detach()
+        m["ce_think"] = ces[-1]
     parts = None
     if contrastive:
         l_cd, parts = shaping.contrastive(model, ctx, y, z_pred.detach(), neg)
@@ -367,6 +395,9 @@ def ebt_loss(model: EBT, x: torch.Tensor, y: torch.Tensor, *, want_metrics: bool
         m["cd_loss"] = l_cd.detach()
     if want_metrics and (contrastive or K > 0):
         m.update(_shaping_metrics(model, ctx, y, z_pred.detach(), parts, shaping))
+    if backward_scale is not None and not stepwise:
+        (loss * backward_scale).backward()
+        loss = loss.detach()
     return loss, m
 
 

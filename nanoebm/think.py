@@ -59,14 +59,15 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_graph: bool = False,
           noise: float | None = None, lr: float | None = None, random_scale: float = 1.0,
           accept_lower_energy: bool = False, final_energy: bool = False,
-          generator: torch.Generator | None = None) -> ThinkOut:
+          generator: torch.Generator | None = None, on_step=None) -> ThinkOut:
     """Run `steps` think steps from z0 (B, T, V). create_graph=True when the result is trained
     on (then truncate_refine keeps the graph only on the last step). noise/lr override the
-    model's langevin_noise / alpha (inference); random_scale s draws alpha per token."""
+    model's langevin_noise / alpha (inference); random_scale s draws alpha per token.
+    on_step(k, z_next) runs after each step: training backpropagates that step's loss there,
+    before the next step is built (with detach_refine no later step reaches back into it)."""
     cfg = model.cfg
     tau, lam = cfg.softmax_temperature, cfg.entropy_weight
     noise = cfg.langevin_noise if noise is None else noise
-    alphas = model.alpha.clamp(min=1e-4) if lr is None else torch.tensor(float(lr), device=z0.device)
     scale = 1.0
     if random_scale != 1.0:  # per-token alpha ~ U[alpha/s, alpha*s] (B, T, 1)
         u = torch.rand(z0.shape[:2] + (1,), device=z0.device, generator=generator)
@@ -89,7 +90,10 @@ def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_grap
             J = E.sum() - lam * entropy(p).sum() if lam else E.sum()
             wrt = z if cfg.think_grad == "logits" else p
             g, = torch.autograd.grad(J, wrt, create_graph=graph)  # (B, T, V)
-            alpha = (alphas[min(k, alphas.numel() - 1)] if alphas.dim() else alphas) * scale
+            # alpha's graph is built per step: a step's early backward must not free it for the next
+            alphas = model.alpha if lr is None else torch.tensor(float(lr), device=z0.device)
+            alpha = alphas[min(k, alphas.numel() - 1)] if alphas.dim() else alphas
+            alpha = (alpha.clamp(min=1e-4) if lr is None else alpha) * scale
             if cfg.think_normalize_grad:  # fixed-size steps: the landscape sets only the direction
                 g = g / (g.pow(2).mean(-1, keepdim=True).sqrt() + 1e-8)
             base = p if cfg.think_grad == "probs" else z
@@ -107,6 +111,8 @@ def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_grap
                 z_next = z_next.detach()
             out.energies.append(E if graph else E.detach())
             out.logits.append(z_next)
+            if on_step is not None:
+                on_step(k, z_next)
             z = z_next
         if final_energy:
             with torch.no_grad():

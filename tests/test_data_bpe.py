@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
+import torch
 
 import nanoebm.data as D
 from nanoebm.config import DataConfig
@@ -237,15 +238,18 @@ def test_char_tokenizer_over_parquet(tmp_path):
     assert data.tokenizer.decode(data.val) == "".join("\n" + d for d in shard_docs[1])
 
 
-def test_ddp_ranks_read_disjoint_slices(rank_file, tmp_path):
+def test_ddp_ranks_split_one_global_batch(rank_file, tmp_path):
     write_shards(tmp_path / "fw", 3)
     cfg = DataConfig(data_path=str(tmp_path / "fw"), tokenizer="gpt2", bpe_encoding=str(rank_file),
                      block_size=16)
     full = D.load_data(cfg)
     parts = [D.load_data(cfg, rank=r, world=3) for r in range(3)]
-    np.testing.assert_array_equal(np.concatenate([p.train for p in parts]), full.train)
-    assert all(abs(len(p.train) - len(full.train) / 3) <= 1 for p in parts)
     np.testing.assert_array_equal(parts[2].val, full.val)  # everyone evaluates on the same val
+    one = full.get_batch("train", 12, 16, torch.Generator().manual_seed(5))  # one process, B=12
+    rows = [p.get_batch("train", 4, 16, torch.Generator().manual_seed(5), rank=r, world=3)
+            for r, p in enumerate(parts)]  # three ranks, B=4 each
+    for i in (0, 1):
+        assert torch.equal(torch.cat([r[i] for r in rows]), one[i])
 
 
 def test_ddp_other_local_ranks_wait_for_rank0_cache(rank_file, tmp_path, monkeypatch):
@@ -263,8 +267,8 @@ def test_ddp_other_local_ranks_wait_for_rank0_cache(rank_file, tmp_path, monkeyp
     r0 = D.load_data(cfg, rank=0, world=2)  # local rank 0 builds; rank 1 then maps the same file
     waiter.join(timeout=10)
     assert not waiter.is_alive()
-    np.testing.assert_array_equal(np.concatenate([r0.train, got["r1"].train]),
-                                  D.load_data(cfg).train)
+    np.testing.assert_array_equal(r0.train, got["r1"].train)
+    np.testing.assert_array_equal(r0.train, D.load_data(cfg).train)
 
 
 def test_memory_flat_as_shards_grow(rank_file, tmp_path):

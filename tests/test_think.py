@@ -51,6 +51,7 @@ OPTIONS = [  # (option overrides) -> must change the loss or the gradients vs BA
     dict(tie_candidate_embedding=True), dict(aux_ce_weight=0.5),
     dict(think_loss="last"), dict(think_loss="linear"), dict(think_improve_weight=1.0),
     dict(think_normalize_grad=True), dict(think_lr_per_step=True, think_lr_learnable=True),
+    dict(think_prox_weight=0.5),
 ]
 
 
@@ -174,3 +175,21 @@ def test_trained_model_thinking_lowers_energy_and_changes_prediction(trained_ckp
     assert all(b < a for a, b in zip(energies, energies[1:])), energies
     p0, p1 = z0.softmax(-1), out.logits[0].softmax(-1)
     assert (p1 - p0).abs().max() > 1e-2  # thinking moves the predicted distribution
+
+
+def test_prox_weight_makes_long_chains_converge_instead_of_drifting():
+    """z <- z - alpha*(dJ/dp + prox*(z - z0)): the pull toward z0 bounds the chain; without it
+    a roughly constant energy gradient moves the logits further at every step."""
+    def chain(prox):
+        torch.manual_seed(0)
+        m = EBT(tiny_cfg(think_steps=2, think_lr=0.5, think_prox_weight=prox)).eval()
+        with torch.no_grad():
+            m.energy_head.weight.mul_(5)  # a landscape with a real slope
+        x, _ = batch()
+        ctx = m.context(x)
+        z0 = initial_logits(m, ctx, T)
+        out = think(m, ctx, z0, 40)
+        return [(z - z0).norm().item() for z in out.logits]
+    free, prox = chain(0.0), chain(1.0)
+    assert free[-1] > 5 * free[4]                 # drifts on and on
+    assert abs(prox[-1] - prox[-2]) < 1e-3 * prox[-1] and prox[-1] < free[-1] / 5  # settled

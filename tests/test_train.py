@@ -194,3 +194,27 @@ def test_cpu_preset_learns(tmp_path):
     summary = train_mod.train(cfg)
     r = [x for x in rows(summary["run_dir"]) if "val_bpb" in x]
     assert r[0]["val_bpb"] > 5.5 and r[-1]["val_bpb"] < 3.9, (r[0]["val_bpb"], r[-1]["val_bpb"])
+
+
+def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun --nproc_per_node=2 with data.batch_size=2 == one process with batch_size=4:
+    same global batch each step, gradients averaged by the all-reduce, same final weights."""
+    common = [*SMALL, "train.max_steps=3", "model.think_steps=2", "train.grad_clip=0", "model.dropout=0",
+              "train.save_interval=0", "train.decay_lr=false", "train.learning_rate=1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run([*torchrun, "train.py", *common, "data.batch_size=2",
+                        f"out_dir={tmp_path / 'ddp'}"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "world 2" in r.stdout
+    r = subprocess.run([sys.executable, "train.py", *common, "data.batch_size=4",
+                        f"out_dir={tmp_path / 'one'}"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
+    b = torch.load(tmp_path / "one" / "final.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3 and a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=1e-5), k  # Adam steps ~1e-3
+    assert len(a["rng"]) == 2 and len(a["shaping"]) == 2  # per-rank state saved per rank

@@ -1,0 +1,136 @@
+"""The cheap training step computes the same thing as the straightforward one.
+
+ebt_loss(..., backward_scale=s) backpropagates each think step as soon as it is built (with
+detach_refine) and sends the gradients collected at the keys/values through the context stream
+once. Checked here against loss.backward() on the full graph: same loss, same gradient for every
+parameter; the autograd memory held at the peak does not grow with think_steps; the context
+stream is backpropagated exactly once per batch.
+
+    uv run pytest tests/test_fast_step.py
+"""
+import random
+import weakref
+
+import pytest
+import torch
+
+from nanoebm.losses import ebt_loss
+from nanoebm.model import EBT
+from tests.conftest import tiny_cfg
+
+B, T, V = 3, 8, 11
+
+
+def make_model(**kw) -> EBT:
+    torch.manual_seed(0)
+    m = EBT(tiny_cfg(vocab_size=V, **kw)).double()
+    with torch.no_grad():  # lift the near-zero init so every path carries signal
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.add_(0.1 * torch.randn_like(p))
+    return m.train()
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+
+
+def run(m: EBT, stepwise: bool):
+    """Loss and every gradient for one batch, same RNG state for both paths."""
+    m.zero_grad(set_to_none=True)
+    x, y = batch()
+    torch.manual_seed(7)
+    random.seed(7)
+    if stepwise:
+        loss, _ = ebt_loss(m, x, y, backward_scale=1.0)
+    else:
+        loss, _ = ebt_loss(m, x, y)
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+RECIPES = [dict(), dict(truncate_refine=True), dict(think_loss="linear"),
+           dict(think_improve_weight=1.0, think_lr_per_step=True), dict(think_prox_weight=0.5),
+           dict(think_init="noise", think_grad="probs", aux_ce_weight=0.0),
+           dict(langevin_noise=0.3, think_lr_random_scale=2.0, step_embed=True),
+           dict(think_steps_random=1), dict(detach_refine=False)]
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+@pytest.mark.parametrize("kw", RECIPES, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "default")
+def test_stepwise_backward_matches_full_graph(K, kw):
+    m = make_model(think_steps=K, **kw)
+    l_full, g_full = run(m, stepwise=False)
+    l_fast, g_fast = run(m, stepwise=True)
+    assert torch.allclose(l_full, l_fast, rtol=1e-10, atol=1e-12)
+    assert g_full.keys() == g_fast.keys() and len(g_full) > 10
+    for n in g_full:
+        assert torch.allclose(g_full[n], g_fast[n], rtol=1e-8, atol=1e-12), n
+    assert m.alpha.grad is not None or not m.alpha.requires_grad  # alpha is trained too
+
+
+class SavedBytes:
+    """Bytes autograd holds in saved tensors: current and peak (a tensor counts until the graph
+    that saved it is freed)."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+
+    def pack(self, t):
+        n = t.numel() * t.element_size()
+        self.now += n
+        self.peak = max(self.peak, self.now)
+        box = [t]  # the saved tensor lives as long as this box (i.e. its graph node)
+        weakref.finalize(box_holder := _Box(box), self._free, n)
+        return box_holder
+
+    def unpack(self, h):
+        return h.box[0]
+
+    def _free(self, n):
+        self.now -= n
+
+
+class _Box:
+    def __init__(self, box):
+        self.box = box
+
+
+def peak_saved(K: int, stepwise: bool) -> int:
+    m = make_model(think_steps=K).float()
+    x, y = batch()
+    sb = SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(sb.pack, sb.unpack):
+        if stepwise:
+            ebt_loss(m, x, y, backward_scale=1.0)
+        else:
+            ebt_loss(m, x, y)[0].backward()
+    return sb.peak
+
+
+def test_peak_autograd_memory_does_not_grow_with_think_steps_when_detaching():
+    fast = {K: peak_saved(K, True) for K in (1, 2, 4)}
+    full = {K: peak_saved(K, False) for K in (1, 2, 4)}
+    assert fast[4] <= 1.05 * fast[2] and fast[2] <= 1.05 * fast[1]  # flat in K
+    assert full[4] > 1.4 * full[2] and full[2] > 1.2 * full[1]  # the straightforward graph grows
+    assert fast[4] < full[4] / 2
+
+
+def test_context_stream_is_backpropagated_once_per_batch():
+    m = make_model(think_steps=3)
+    x, y = batch()
+    calls = []
+    m.wte.weight.register_hook(lambda g: calls.append(1))  # only the context stream reads wte
+    ebt_loss(m, x, y, backward_scale=1.0)
+    assert len(calls) == 1
+    assert m.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_contrastive_and_eval_fall_back_to_one_backward():
+    from nanoebm.losses import EnergyShaping
+    m = make_model(think_steps=2, use_contrastive=True)
+    sh = EnergyShaping(m.cfg, m)
+    x, y = batch()
+    loss, _ = ebt_loss(m, x, y, shaping=sh, backward_scale=1.0)
+    assert not loss.requires_grad and m.energy_head.weight.grad is not None
