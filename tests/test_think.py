@@ -192,4 +192,4 @@ def test_prox_weight_makes_long_chains_converge_instead_of_drifting():
         return [(z - z0).norm().item() for z in out.logits]
     free, prox = chain(0.0), chain(1.0)
     assert free[-1] > 5 * free[4]                 # drifts on and on
-    assert abs(prox[-1] - prox[-2]) < 1e-3 * prox[-1] and prox[-1] < free[-1] / 5  # settled
+    assert abs(prox[-1] - prox[-11]) < 0.01 * prox[-1] and prox[-1] < free[-1] / 5  # settled
