@@ -184,6 +184,26 @@ class VizConfig:
     device: str = "auto"         # auto (cuda > mps > cpu) | cuda | mps | cpu
 
 
+@dataclass
+class BenchConfig:
+    """bench.py: EBT vs baseline training step, memory, MFU and generation speed, one run."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        n_layer=4, n_head=4, n_embd=128, dropout=0.0))
+    data: DataConfig = field(default_factory=lambda: DataConfig(block_size=64, batch_size=12))
+    quick: bool = False          # ~1 minute: fewer timed steps and generated tokens
+    warmup: int = 3              # untimed steps per variant
+    iters: int = 20              # timed steps per variant (medians reported)
+    gen_block_size: int = 256    # generation: context window (prompt + new tokens fill it)
+    gen_think_steps: int = 4
+    gen_tokens: int = 128        # new tokens per generation timing
+    device: str = "auto"
+    dtype: str = "auto"          # auto: bf16 autocast on CUDA, float32 elsewhere
+    compile: bool = False        # torch.compile the context stream (as train.compile)
+    threads: int = 0             # torch CPU threads (0 = torch's default)
+    out: str = "bench.json"
+    seed: int = 1337
+
+
 # --------------------------------------------------------------------------------------------
 # command-line shims
 
@@ -258,3 +278,4 @@ def register_configs() -> None:
     cs.store(name="base_compare", node=CompareConfig)
     cs.store(name="base_sample", node=SampleConfig)
     cs.store(name="base_viz", node=VizConfig)
+    cs.store(name="base_bench", node=BenchConfig)

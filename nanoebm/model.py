@@ -88,15 +88,24 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
         return self._merge(y), (k, v)
 
-    def candidate(self, c, k_ctx, v_ctx, cos, sin):
+    def candidate(self, c, k_ctx, v_ctx, cos, sin, fused: bool = False):
         """Candidate t (absolute position pos_t = Tk - Tc + t) attends to context keys 0..pos_t
-        and to itself. Explicit ops: this is the path that gets differentiated twice."""
+        and to itself: one softmax over those Tk+1 scores. The explicit ops are the path that
+        gets differentiated twice; fused=True (no double backward needed: eval, generation)
+        runs the same attention as one SDPA call over [context keys | own key]."""
         q, k, v = self._split(c)  # (B, H, Tc, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         Tc, Tk = q.shape[2], k_ctx.shape[2]
+        allowed = torch.ones(Tc, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tc)
+        if fused:  # candidate t sees context 0..pos_t and, of the candidate keys, only its own
+            own = torch.eye(Tc, dtype=torch.bool, device=q.device)
+            mask = torch.cat([allowed, own], dim=1)  # (Tc, Tk + Tc)
+            p_drop = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, torch.cat([k_ctx, k], 2), torch.cat([v_ctx, v], 2),
+                                               attn_mask=mask, dropout_p=p_drop)  # (B, H, Tc, hd)
+            return self._merge(y)
         scale = 1.0 / math.sqrt(self.head_dim)
         s_ctx = (q @ k_ctx.transpose(-2, -1)) * scale  # (B, H, Tc, Tk)
-        allowed = torch.ones(Tc, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tc)
         s_ctx = s_ctx.masked_fill(~allowed, float("-inf"))  # hides x_{t+1..}: no target leak
         s_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, Tc, 1)
         w = at_least_f32(torch.cat([s_ctx, s_self], dim=-1)).softmax(-1).to(q.dtype)  # (B,H,Tc,Tk+1)
@@ -131,8 +140,8 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.ln2(x)), kv
 
-    def candidate(self, c, k, v, cos, sin):
-        c = c + self.attn.candidate(self.ln1(c), k, v, cos, sin)
+    def candidate(self, c, k, v, cos, sin, fused: bool = False):
+        c = c + self.attn.candidate(self.ln1(c), k, v, cos, sin, fused)
         return c + self.mlp(self.ln2(c))
 
 
@@ -205,9 +214,11 @@ class EBT(nn.Module):
         s1 = at_least_f32(self.s1_head(self.ln_f(x))) if self.has_s1 else None  # (B, T, V)
         return Context(kv=kv, s1_logits=s1)
 
-    def energy(self, ctx: Context, p, step: int = 0, stopgrad_cand: bool = False):
+    def energy(self, ctx: Context, p, step: int = 0, stopgrad_cand: bool = False,
+               fused: bool = False):
         """Energy E (B, Tc) of candidate distributions p (B, Tc, V) for the LAST Tc context
-        positions (Tc = T in training, 1 when generating with a KV cache)."""
+        positions (Tc = T in training, 1 when generating with a KV cache). fused=True: SDPA
+        attention, first-order differentiable only (thinking that is not trained through)."""
         W = self.cand_weight.detach() if stopgrad_cand else self.cand_weight
         c = p.to(W.dtype) @ W  # (B, Tc, D): the expected embedding under p
         if self.step_emb is not None:  # step conditioning only here: the context stays shared
@@ -217,7 +228,7 @@ class EBT(nn.Module):
         # candidate for x_{t+1} sits at RoPE position t+1
         cos, sin = self.rope_cos[Tk - Tc + 1:Tk + 1], self.rope_sin[Tk - Tc + 1:Tk + 1]
         for block, (k, v) in zip(self.blocks, ctx.kv):
-            c = block.candidate(c, k, v, cos, sin)
+            c = block.candidate(c, k, v, cos, sin, fused)
         return at_least_f32(self.energy_head(self.ln_e(c)).squeeze(-1))  # (B, Tc)
 
     def optim_groups(self, weight_decay: float, lr: float, alpha_lr_mult: float):

@@ -86,7 +86,9 @@ def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_grap
             if noise > 0:
                 z = z + noise * torch.randn(z.shape, device=z.device, generator=generator)
             p = torch.softmax(z / tau, dim=-1)  # (B, T, V)
-            E = model.energy(ctx, p, step=k, stopgrad_cand=cfg.mixture_stopgrad)  # (B, T)
+            # a step nobody differentiates through again runs the fused (SDPA) attention
+            E = model.energy(ctx, p, step=k, stopgrad_cand=cfg.mixture_stopgrad,
+                             fused=not graph)  # (B, T)
             J = E.sum() - lam * entropy(p).sum() if lam else E.sum()
             wrt = z if cfg.think_grad == "logits" else p
             g, = torch.autograd.grad(J, wrt, create_graph=graph)  # (B, T, V)
@@ -105,7 +107,7 @@ def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_grap
             z_next = base - alpha * g
             if accept_lower_energy:  # keep the step only where it lowers that position's E
                 with torch.no_grad():
-                    E_next = model.energy(ctx, torch.softmax(z_next / tau, -1), step=k)
+                    E_next = model.energy(ctx, torch.softmax(z_next / tau, -1), step=k, fused=True)
                 z_next = torch.where((E_next < E).unsqueeze(-1), z_next, z)
             if not create_graph:  # inference: nothing downstream differentiates through this
                 z_next = z_next.detach()
@@ -116,5 +118,5 @@ def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_grap
             z = z_next
         if final_energy:
             with torch.no_grad():
-                out.final_energy = model.energy(ctx, torch.softmax(z / tau, -1), step=steps)
+                out.final_energy = model.energy(ctx, torch.softmax(z / tau, -1), step=steps, fused=True)
     return out
