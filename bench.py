@@ -41,26 +41,39 @@ def sync(device: str) -> None:
 
 
 class SavedBytes:
-    """Peak bytes held in autograd's saved tensors (a tensor counts until its graph is freed).
-    CPU has no allocator statistics; activations are what grows with think_steps."""
+    """Peak bytes of the storages autograd holds for backward, each storage counted once (views
+    and repeated saves share one) and parameters left out (state_bytes counts them). CPU has no
+    allocator statistics; these activations are what grows with think_steps."""
 
-    def __init__(self):
+    def __init__(self, params):
+        self.skip = {p.untyped_storage().data_ptr() for p in params}
+        self.live = {}  # storage pointer -> [bytes, number of saved tensors using it]
         self.now = self.peak = 0
 
     def pack(self, t):
-        n = t.numel() * t.element_size()
-        self.now += n
-        self.peak = max(self.peak, self.now)
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key not in self.skip:
+            if key not in self.live:
+                self.live[key] = [st.nbytes(), 0]
+                self.now += st.nbytes()
+                self.peak = max(self.peak, self.now)
+            self.live[key][1] += 1
         holder = _Holder(t)
-        weakref.finalize(holder, self._free, n)  # runs when autograd drops the saved tensor
+        if key not in self.skip:
+            weakref.finalize(holder, self._free, key)  # runs when autograd drops the tensor
         return holder
 
     @staticmethod
     def unpack(h):
         return h.t
 
-    def _free(self, n):
-        self.now -= n
+    def _free(self, key):
+        rec = self.live[key]
+        rec[1] -= 1
+        if rec[1] == 0:
+            self.now -= rec[0]
+            del self.live[key]
 
 
 class _Holder:
@@ -113,7 +126,7 @@ class Variant:
             self.step()
             sync(self.device)
             return torch.cuda.max_memory_allocated() / 2**20
-        sb = SavedBytes()
+        sb = SavedBytes(self.model.parameters())
         with torch.autograd.graph.saved_tensors_hooks(sb.pack, sb.unpack):
             self.step()
         return (sb.peak + state_bytes(self.model, self.opt)) / 2**20

@@ -7,6 +7,10 @@ plots.
     uv run python compare.py suite=compare                 # EBT vs Transformer (results)
     uv run python compare.py suite=recipes "only=[r0_baseline,r1_default]" seeds=[1,2]
 
+Each run keeps its record in results/runs/<name>_s<seed>/record.json: re-running a suite scores
+finished runs without retraining them, and results/<suite>.json keeps runs from earlier calls
+(e.g. a second seed added later), replacing only the (name, seed) pairs run again.
+
 A suite (configs/suite/*.yaml) is a base list of train.py overrides plus named runs, each its
 own override list; anything train.py accepts works there.
 """
@@ -15,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -36,20 +39,41 @@ def compose_train(overrides: list[str]):
 
 
 def run_one(job: dict) -> dict:
-    """Train one run (in a worker process) and score it. Returns a JSON-able record."""
+    """Train one run (in a worker process) unless it already finished, then score it. The
+    record is also written to <run folder>/record.json, so an interrupted suite resumes."""
     import torch
     torch.set_num_threads(job["threads"])
+    root = Path(job["out_dir"])
+    rec_path = root / "record.json"
+    if rec_path.exists():  # scored before with the same overrides: reuse it
+        rec = json.loads(rec_path.read_text())
+        if rec["overrides"] == job["overrides"] and rec.get("eval_key") == eval_key(job):
+            return rec
+    if not (root / "final.pt").exists():  # finished runs (final.pt written) are not retrained
+        from train import train
+        train(compose_train(job["overrides"]))
+    rec = score(job, (root / "final.pt").resolve().parent)
+    tmp = rec_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    tmp.replace(rec_path)
+    return rec
+
+
+def eval_key(job: dict) -> list:
+    return [job["eval_seed"], job["eval_iters"], sorted(job["eval_steps"]), job["n_candidates"],
+            job["bon_noise"]]
+
+
+def score(job: dict, run_dir: Path) -> dict:
+    """The thinking curve, best-of-N, cost and history of one finished run."""
+    import torch
     from nanoebm.checkpoint import load_checkpoint, model_from_checkpoint
     from nanoebm.data import load_data
     from nanoebm.evaluate import best_of_n_loss, thinking_curve
-    from train import train
 
     cfg = compose_train(job["overrides"])
-    t0 = time.time()
-    summary = train(cfg)
-    wall = time.time() - t0
-    run_dir = Path(summary["run_dir"])
-    model = model_from_checkpoint(load_checkpoint(run_dir / "final.pt")).eval()
+    ck = load_checkpoint(run_dir / "final.pt")
+    model = model_from_checkpoint(ck).eval()
     data = load_data(cfg.data)
     # the same windows for every run of the suite, whatever its training seed
     g = torch.Generator().manual_seed(job["eval_seed"])
@@ -58,15 +82,16 @@ def run_one(job: dict) -> dict:
     trained_k = model.cfg.think_steps + model.cfg.think_steps_random
     ks = sorted(set(job["eval_steps"]) | {trained_k}) if trained_k else [0]
     curve = thinking_curve(model, batches, max(ks), seed=job["eval_seed"])
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rec = {"name": job["name"], "seed": job["seed"], "overrides": job["overrides"],
-           "params": model.num_params(), "steps": summary["step"], "wall_s": wall,
+           "eval_key": eval_key(job), "params": model.num_params(), "steps": ck["step"],
+           "wall_s": max(r.get("elapsed_s") or 0 for r in rows),  # training time, evals excluded
            "trained_k": trained_k, "alpha": model.alpha.detach().flatten().tolist(),
            "val_loss_k": {k: curve["loss_k"][k] for k in ks},
            "val_loss_s1": curve.get("loss_s1"), "run_dir": str(run_dir)}
     if trained_k and job["n_candidates"] > 1:
         rec["val_loss_bon"] = best_of_n_loss(model, batches, trained_k, job["n_candidates"],
                                              job["bon_noise"], seed=job["eval_seed"])
-    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tok_s = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # skip warm-up row
     rec["tokens_per_s"] = statistics.median(tok_s) if tok_s else None
     rec["ms_per_step"] = 1000 * B * T * cfg.train.grad_accum_steps / rec["tokens_per_s"] if tok_s else None
@@ -137,7 +162,7 @@ def main(cfg) -> None:
     if cc.only and set(cc.only) - set(cc.runs):
         raise SystemExit(f"error: only= names not in suite {cc.suite}: {sorted(set(cc.only) - set(cc.runs))}")
     out = Path(cc.out_dir)
-    jobs = [{"name": n, "seed": s, "threads": max(1, cc.threads),
+    jobs = [{"name": n, "seed": s, "threads": max(1, cc.threads), "out_dir": str(out / "runs" / f"{n}_s{s}"),
              "overrides": [*cc.base, *cc.runs[n], f"train.seed={s}", f"out_dir={out / 'runs' / f'{n}_s{s}'}"],
              "eval_seed": cc.eval_seed, "eval_iters": cc.eval_iters, "eval_steps": list(cc.eval_steps),
              "n_candidates": cc.n_candidates, "bon_noise": cc.bon_noise}
@@ -145,7 +170,17 @@ def main(cfg) -> None:
     with ProcessPoolExecutor(max_workers=cc.jobs, mp_context=get_context("spawn")) as ex:
         records = list(ex.map(run_one, jobs))
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{cc.suite}.json").write_text(json.dumps(records, indent=1))
+    path = out / f"{cc.suite}.json"
+    if path.exists():  # keep earlier runs of this suite (other names/seeds); replace re-runs
+        done = {(r["name"], r["seed"]) for r in records}
+        records = [r for r in json.loads(path.read_text()) if (r["name"], r["seed"]) not in done] + records
+        order = list(cc.runs)
+        records.sort(key=lambda r: (order.index(r["name"]) if r["name"] in order else len(order), r["seed"]))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(records, indent=1))
+    tmp.replace(path)
+    for r in records:  # JSON made the step keys strings
+        r["val_loss_k"] = {int(k): v for k, v in r["val_loss_k"].items()}
     md = table(records)
     (out / f"{cc.suite}.md").write_text(md + "\n")
     print(md)
