@@ -161,7 +161,9 @@ def gen_speed(cfg: BenchConfig, data, device, autocast) -> dict:
     full = data.get_batch("val", 1, cfg.gen_block_size, torch.Generator().manual_seed(0), device)[0]
     idx = full[:, :prompt_len]  # (1, prompt_len)
     res = {}
-    for name, kw in (("cache", dict(kv_cache=True)), ("nocache", dict(kv_cache=False))):
+    for name, kw in (("cache", dict(kv_cache=True)), ("nocache", dict(kv_cache=False)),
+                     ("cache_s1", dict(kv_cache=True, use_thinking=False)),  # context stream alone
+                     ("nocache_s1", dict(kv_cache=False, use_thinking=False))):
         with autocast:
             out = generate(model, idx, cfg.gen_tokens, think_steps=cfg.gen_think_steps, **kw)
         res[name] = cfg.gen_tokens / out.seconds
@@ -224,6 +226,8 @@ def run(cfg: BenchConfig) -> dict:
         "gen_tokens_per_s_naive": gen["naive"],
         "cache_speedup": gen["cache"] / gen["nocache"],
         "cache_speedup_vs_naive": gen["cache"] / gen["naive"],
+        "gen_tokens_per_s_s1_cache": gen["cache_s1"], "gen_tokens_per_s_s1_nocache": gen["nocache_s1"],
+        "cache_speedup_s1": gen["cache_s1"] / gen["nocache_s1"],  # no thinking: the cache's own gain
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else
         f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": dtype, "torch": torch.__version__, "think_steps": K,
@@ -250,7 +254,8 @@ def print_table(r: dict) -> None:
     print(f"generation tok/s (EBT, {r['config']['gen_think_steps']} think steps): cache "
           f"{r['gen_tokens_per_s_cache']:.1f} | no cache {r['gen_tokens_per_s_nocache']:.1f} "
           f"({r['cache_speedup']:.2f}x) | naive full recompute {r['gen_tokens_per_s_naive']:.1f} "
-          f"({r['cache_speedup_vs_naive']:.1f}x)")
+          f"({r['cache_speedup_vs_naive']:.1f}x) | System 1 only: {r['gen_tokens_per_s_s1_cache']:.1f} vs "
+          f"{r['gen_tokens_per_s_s1_nocache']:.1f} ({r['cache_speedup_s1']:.1f}x)")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="bench")
