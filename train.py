@@ -25,7 +25,8 @@ from nanoebm.checkpoint import atomic_save, load_checkpoint, model_config_from_d
 from nanoebm.config import TrainRunConfig, apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.evaluate import curve_metrics, thinking_curve
-from nanoebm.losses import EnergyShaping, ebt_loss, val_energy_margin
+from nanoebm.losses import ebt_loss
+from nanoebm.shaping import EnergyShaping, val_energy_margin
 from nanoebm.model import EBT
 from nanoebm import runtime as rt
 

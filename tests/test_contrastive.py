@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 import train as train_py
 from nanoebm.config import ModelConfig
-from nanoebm.losses import EnergyShaping, ebt_loss, energy_margin, langevin, last_landscape
+from nanoebm.losses import ebt_loss
+from nanoebm.shaping import EnergyShaping, energy_margin, langevin, last_landscape
 from nanoebm.model import EBT
 from tests.conftest import REPO, SMALL, compose
 

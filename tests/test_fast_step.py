@@ -128,7 +128,7 @@ def test_context_stream_is_backpropagated_once_per_batch():
 
 
 def test_contrastive_and_eval_fall_back_to_one_backward():
-    from nanoebm.losses import EnergyShaping
+    from nanoebm.shaping import EnergyShaping
     m = make_model(think_steps=2, use_contrastive=True)
     sh = EnergyShaping(m.cfg, m)
     x, y = batch()

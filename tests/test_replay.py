@@ -8,7 +8,8 @@ import torch
 
 import nanoebm.losses as losses
 from nanoebm.config import ModelConfig
-from nanoebm.losses import EnergyShaping, ReplayBuffer, ebt_loss, train_think_steps
+from nanoebm.losses import ebt_loss, train_think_steps
+from nanoebm.shaping import EnergyShaping, ReplayBuffer
 from nanoebm.model import EBT
 from nanoebm.think import think
 import train as train_py
