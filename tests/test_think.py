@@ -193,3 +193,17 @@ def test_prox_weight_makes_long_chains_converge_instead_of_drifting():
     free, prox = chain(0.0), chain(1.0)
     assert free[-1] > 5 * free[4]                 # drifts on and on
     assert abs(prox[-1] - prox[-11]) < 0.01 * prox[-1] and prox[-1] < free[-1] / 5  # settled
+
+
+def test_default_recipe_think_step_lowers_ce_on_a_fixed_batch(trained_ckpt):
+    """A few dozen steps of the default recipe: one think step from the S1 start lowers the CE
+    of a fixed batch of training windows (directional: the step learned to help where it was
+    trained; whether that carries to val is what README "Does thinking help?" measures)."""
+    from nanoebm.losses import ce
+    m = model_from_checkpoint(load_checkpoint(trained_ckpt)).eval()
+    data = load_data(DataConfig(block_size=32))
+    x, y = data.get_batch("train", 32, 32, torch.Generator().manual_seed(0))
+    ctx = m.context(x)
+    z0 = initial_logits(m, ctx, 32)
+    out = think(m, ctx, z0, m.cfg.think_steps)
+    assert ce(out.logits[0], y).item() < ce(z0, y).item() - 1e-3
