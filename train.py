@@ -191,17 +191,19 @@ def train(cfg: TrainRunConfig) -> dict:
                 tok_s = B * T * accum * world * n_steps / max(dt, 1e-9)
                 eta = (time.time() - t0) / (step - start_step) * (tc.max_steps - step)
                 ce_think = (m["ce_think"] if "ce_think" in m else m["ce_s1"]).item()
+                alphas = model.alpha.detach().flatten().tolist()  # one per step if per-step
                 row = {"step": step, "elapsed_s": time.time() - t0 - eval_s[0], "loss": loss.item(),
                        "ce": ce_think, "ppl": math.exp(min(ce_think, 50)),
                        data.bits_name: ce_think / math.log(2), "lr": lr,
-                       "alpha": model.alpha.item(), "tokens_per_s": tok_s,
+                       "alpha": alphas[0] if len(alphas) == 1 else alphas, "tokens_per_s": tok_s,
                        "tokens": step * B * T * accum * world,  # tokens seen by all ranks
                        **{k: v.item() for k, v in m.items() if k != "ce_think"}}
                 log.write(row)
                 extra = ""
                 if "energy_before" in row:
                     ks = "/".join(f"{row[f'ce_k{k}']:.3f}" for k in range(eval_steps + 1) if f"ce_k{k}" in row)
-                    extra = (f" | alpha {row['alpha']:.3f} | E {row['energy_before']:.3f}->"
+                    alpha = "/".join(f"{a:.3f}" for a in alphas)
+                    extra = (f" | alpha {alpha} | E {row['energy_before']:.3f}->"
                              f"{row['energy_after']:.3f} | ce_k {ks}")
                 if "energy_margin" in row:
                     extra += f" | margin {row['energy_margin']:.2f}"
