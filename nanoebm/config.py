@@ -31,12 +31,12 @@ class ModelConfig:
     think_lr: float = 1.0        # alpha
     think_lr_learnable: bool = True
     think_lr_lr_multiplier: float = 10.0
-    think_lr_random_scale: float = 1.0   # s: alpha per token ~ U[alpha/s, alpha*s] when training
+    think_lr_random_scale: float = 2.0   # s: alpha per token ~ U[alpha/s, alpha*s] when training
     think_steps_random: int = 0  # r: train on K..K+r steps, evaluate on K+r
     think_max_move: float = 0.0  # clamp |alpha*g| per logit (0 = off)
     detach_refine: bool = True
     truncate_refine: bool = False
-    langevin_noise: float = 0.0  # std of noise added to z before each step (training)
+    langevin_noise: float = 0.5  # std of noise added to z before each step (training)
     softmax_temperature: float = 1.0
     entropy_weight: float = 0.0
     mixture_stopgrad: bool = False
@@ -46,7 +46,7 @@ class ModelConfig:
     think_improve_weight: float = 0.0  # + w * mean_t relu(CE_{k+1,t} - CE_{k,t}): no step may hurt
     think_normalize_grad: bool = False  # g <- g / rms_V(g) per position: alpha = RMS logit move
     think_lr_per_step: bool = False     # one alpha per think step (steps past K reuse the last)
-    think_prox_weight: float = 0.0      # + prox * (z - z_0) per step: converge, don't drift
+    think_prox_weight: float = 1.0      # + prox * (z - z_0) per step: converge, don't drift
     # contrastive energy shaping (SPEC §4)
     use_contrastive: bool = False
     contrastive_type: str = "cd"  # cd | pcd | fast_pcd (where the negative chains start)

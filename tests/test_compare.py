@@ -12,7 +12,8 @@ from tests.conftest import REPO, SMALL
 
 def test_compare_suite_runs_and_writes_results(tmp_path):
     # list items containing '=' must be quoted in Hydra's override grammar
-    base = "[" + ",".join(f"'{s}'" for s in SMALL if not s.startswith("train.max_steps")) + ",'train.max_steps=3']"
+    base = "[" + ",".join(f"'{s}'" for s in SMALL if not s.startswith("train.max_steps")) + \
+        ",'train.max_steps=3','model.think_prox_weight=0.0']"  # as the suite's own base
     r = subprocess.run(
         [sys.executable, str(REPO / "compare.py"), "suite=recipes", "only=[r0_baseline,r1_default,r2_prox]",
          f"base={base}", "eval_iters=2", "eval_steps=[0,1,2,4]", "n_candidates=2", "seeds=[1,2]",

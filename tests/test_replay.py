@@ -19,7 +19,8 @@ V, T = 11, 8
 
 
 def tiny(**kw) -> ModelConfig:
-    base = dict(n_layer=1, n_head=2, n_embd=32, block_size=T, vocab_size=V, dropout=0.0)
+    base = dict(n_layer=1, n_head=2, n_embd=32, block_size=T, vocab_size=V, dropout=0.0,
+                langevin_noise=0.0, think_lr_random_scale=1.0)  # deterministic unless asked
     base.update(kw)
     return ModelConfig(**base)
 

@@ -41,7 +41,8 @@ def loss_and_grads(seed=0, **kw):
     return loss.detach(), grads
 
 
-BASE = dict(think_steps=2, think_init="noise", think_grad="probs", think_lr=2.0, aux_ce_weight=0.0)
+BASE = dict(think_steps=2, think_init="noise", think_grad="probs", think_lr=2.0, aux_ce_weight=0.0,
+            langevin_noise=0.0, think_lr_random_scale=1.0, think_prox_weight=0.0)  # plain steps
 OPTIONS = [  # (option overrides) -> must change the loss or the gradients vs BASE
     dict(think_steps=3), dict(think_lr=3.0), dict(think_grad="logits"), dict(think_grad="hybrid"),
     dict(think_init="s1"), dict(think_init="zeros"), dict(think_init_std=2.0),
@@ -188,7 +189,7 @@ def test_prox_weight_makes_long_chains_converge_instead_of_drifting():
         x, _ = batch()
         ctx = m.context(x)
         z0 = initial_logits(m, ctx, T)
-        out = think(m, ctx, z0, 40)
+        out = think(m, ctx, z0, 40, noise=0.0)
         return [(z - z0).norm().item() for z in out.logits]
     free, prox = chain(0.0), chain(1.0)
     assert free[-1] > 5 * free[4]                 # drifts on and on

@@ -200,6 +200,7 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp
     """torchrun --nproc_per_node=2 with data.batch_size=2 == one process with batch_size=4:
     same global batch each step, gradients averaged by the all-reduce, same final weights."""
     common = [*SMALL, "train.max_steps=3", "model.think_steps=2", "train.grad_clip=0", "model.dropout=0",
+              "model.langevin_noise=0", "model.think_lr_random_scale=1",  # per-rank noise differs
               "train.save_interval=0", "train.decay_lr=false", "train.learning_rate=1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
