@@ -10,16 +10,19 @@ import sys
 from tests.conftest import REPO, SMALL
 
 
+def run_compare(tmp_path, base, only, seeds):
+    return subprocess.run(
+        [sys.executable, str(REPO / "compare.py"), "suite=recipes", f"only={only}", f"base={base}",
+         "eval_iters=2", "eval_steps=[0,1,2,4]", "n_candidates=2", f"seeds={seeds}", f"out_dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "WANDB_MODE": "disabled"})
+
+
 def test_compare_suite_runs_and_writes_results(tmp_path):
     # list items containing '=' must be quoted in Hydra's override grammar
     base = "[" + ",".join(f"'{s}'" for s in SMALL if not s.startswith("train.max_steps")) + \
         ",'train.max_steps=3','model.think_prox_weight=0.0']"  # as the suite's own base
-    r = subprocess.run(
-        [sys.executable, str(REPO / "compare.py"), "suite=recipes", "only=[r0_baseline,r1_default,r2_prox]",
-         f"base={base}", "eval_iters=2", "eval_steps=[0,1,2,4]", "n_candidates=2", "seeds=[1,2]",
-         f"out_dir={tmp_path}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "WANDB_MODE": "disabled"})
+    r = run_compare(tmp_path, base, "[r0_baseline,r1_default,r2_prox]", "[1,2]")
     assert r.returncode == 0, r.stderr[-3000:]
     recs = json.loads((tmp_path / "thinking_recipes.json").read_text())
     assert sorted((x["name"], x["seed"]) for x in recs) == [
@@ -40,12 +43,7 @@ def test_compare_suite_runs_and_writes_results(tmp_path):
     # record (not retrained), seed 3 is new, and the earlier records stay in the suite file
     ckpt = tmp_path / "runs" / "r0_baseline_s1" / "final.pt"
     before = ckpt.resolve().stat().st_mtime_ns
-    r = subprocess.run(
-        [sys.executable, str(REPO / "compare.py"), "suite=recipes", "only=[r0_baseline]",
-         f"base={base}", "eval_iters=2", "eval_steps=[0,1,2,4]", "n_candidates=2", "seeds=[1,3]",
-         f"out_dir={tmp_path}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "WANDB_MODE": "disabled"})
+    r = run_compare(tmp_path, base, "[r0_baseline]", "[1,3]")
     assert r.returncode == 0, r.stderr[-3000:]
     recs2 = json.loads((tmp_path / "thinking_recipes.json").read_text())
     assert len(recs2) == 7 and ("r0_baseline", 3) in {(x["name"], x["seed"]) for x in recs2}

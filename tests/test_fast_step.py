@@ -9,11 +9,11 @@ stream is backpropagated exactly once per batch.
     uv run pytest tests/test_fast_step.py
 """
 import random
-import weakref
 
 import pytest
 import torch
 
+from bench import SavedBytes
 from nanoebm.losses import ebt_loss
 from nanoebm.model import EBT
 from tests.conftest import tiny_cfg
@@ -70,37 +70,10 @@ def test_stepwise_backward_matches_full_graph(K, kw):
     assert m.alpha.grad is not None or not m.alpha.requires_grad  # alpha is trained too
 
 
-class SavedBytes:
-    """Bytes autograd holds in saved tensors: current and peak (a tensor counts until the graph
-    that saved it is freed)."""
-
-    def __init__(self):
-        self.now = self.peak = 0
-
-    def pack(self, t):
-        n = t.numel() * t.element_size()
-        self.now += n
-        self.peak = max(self.peak, self.now)
-        box = [t]  # the saved tensor lives as long as this box (i.e. its graph node)
-        weakref.finalize(box_holder := _Box(box), self._free, n)
-        return box_holder
-
-    def unpack(self, h):
-        return h.box[0]
-
-    def _free(self, n):
-        self.now -= n
-
-
-class _Box:
-    def __init__(self, box):
-        self.box = box
-
-
 def peak_saved(K: int, stepwise: bool) -> int:
     m = make_model(think_steps=K).float()
     x, y = batch()
-    sb = SavedBytes()
+    sb = SavedBytes(m.parameters())  # bench.py's measure: saved storages, params excluded
     with torch.autograd.graph.saved_tensors_hooks(sb.pack, sb.unpack):
         if stepwise:
             ebt_loss(m, x, y, backward_scale=1.0)
