@@ -148,8 +148,8 @@ def test_default_dir_is_home_data_openfineweb(server, tmp_path):
 
 def test_interrupt_then_resume_with_range(server, tmp_path):
     name = "shard_00000.parquet"
-    server.files[name] = shard_bytes(0, n_docs=200)  # ~400 KB at 16 KiB per 50 ms: ~1.3 s
-    server.delay = 0.05
+    server.files[name] = shard_bytes(0, n_docs=200)  # ~400 KB at 16 KiB per 200 ms: ~5 s
+    server.delay = 0.2  # slow enough that Ctrl-C lands mid-file even on a loaded machine
     out = tmp_path / "out"
     env = {**os.environ, "HOME": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, str(REPO / "download_data.py"), "-n", "1", "-w", "1",
@@ -157,7 +157,7 @@ def test_interrupt_then_resume_with_range(server, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     part = out / (name + ".part")
     deadline = time.time() + 30
-    while time.time() < deadline and not (part.exists() and part.stat().st_size > 50_000):
+    while time.time() < deadline and not (part.exists() and part.stat().st_size >= 16_384):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)  # Ctrl-C mid-file
     _, err = proc.communicate(timeout=30)
