@@ -152,16 +152,17 @@ def test_interrupt_then_resume_with_range(server, tmp_path):
     server.delay = 0.2  # slow enough that Ctrl-C lands mid-file even on a loaded machine
     out = tmp_path / "out"
     env = {**os.environ, "HOME": str(tmp_path)}
+    # A terminal's Ctrl-C reaches a process whose SIGINT is at its default; pytest itself may run
+    # as a background job (CI), whose children inherit SIGINT *ignored*, so restore the default.
     proc = subprocess.Popen([sys.executable, str(REPO / "download_data.py"), "-n", "1", "-w", "1",
                              "-d", str(out), "--base-url", server.url],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     part = out / (name + ".part")
     deadline = time.time() + 30
     while time.time() < deadline and not (part.exists() and part.stat().st_size >= 16_384):
         time.sleep(0.02)
-    if not part.exists():  # seen in the full suite only: the transfer ended unobserved
-        proc.communicate(timeout=30)
-        pytest.skip("no partial file was observed before the transfer ended (see session-2 note)")
+    assert part.exists() and proc.poll() is None, "the transfer ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)  # Ctrl-C mid-file
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
