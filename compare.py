@@ -5,6 +5,7 @@ plots.
 
     uv run python compare.py suite=recipes jobs=2          # the thinking-recipe search
     uv run python compare.py suite=compare                 # EBT vs Transformer (results)
+    uv run python compare.py suite=compare scale=gpu       # the same at the 6x384 default size
     uv run python compare.py suite=recipes "only=[r0_baseline,r1_default]" seeds=[1,2]
 
 Each run keeps its record in results/runs/<name>_s<seed>/record.json: re-running a suite scores
@@ -131,6 +132,27 @@ def table(records: list[dict], bits: str = "bpb") -> str:
     return "\n".join(lines)
 
 
+def results_table(records: list[dict]) -> str:
+    """Markdown, one row per (run, seed), in bits per character: the README "Results" table."""
+    bits = lambda x: f"{x / math.log(2):.4f}" if x is not None else "–"  # noqa: E731
+    head = ["run", "seed", "params", "steps", "wall-clock", "tokens/s", "val bpb S1",
+            "val bpb after thinking (k=K)", "best-of-N", "val bpb at k=" + ",".join(
+                str(k) for k in records[0]["eval_key"][2])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        k = r["trained_k"]
+        curve = "/".join(bits(r["val_loss_k"][j]) for j in r["eval_key"][2] if j in r["val_loss_k"]) \
+            if k else "–"
+        s1 = r["val_loss_s1"] if r.get("val_loss_s1") is not None else r["val_loss_k"][0]
+        lines.append("| " + " | ".join([
+            r["name"], str(r["seed"]), f"{r['params'] / 1e6:.2f}M", str(r["steps"]),
+            f"{r['wall_s'] / 60:.1f} min", f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "–",
+            bits(s1) if k == 0 or r.get("val_loss_s1") is not None else "–",
+            bits(r["val_loss_k"][k]) + (f" (K={k})" if k else ""), bits(r.get("val_loss_bon")),
+            curve]) + " |")
+    return "\n".join(lines)
+
+
 def plots(records: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -144,7 +166,11 @@ def plots(records: list[dict], path: Path) -> None:
             ax[1].plot([x["elapsed_s"] for x in h], [x["val_loss"] / math.log(2) for x in h], label=lab)
         if r["trained_k"]:
             ks = sorted(r["val_loss_k"])
-            ax[2].plot(ks, [r["val_loss_k"][k] / math.log(2) for k in ks], "o-", label=lab)
+            line, = ax[2].plot(ks, [r["val_loss_k"][k] / math.log(2) for k in ks], "o-", label=lab)
+            if "val_loss_bon" in r:  # best-of-N at the trained K, same colour
+                ax[2].plot([r["trained_k"]], [r["val_loss_bon"] / math.log(2)], "*", ms=12,
+                           color=line.get_color())
+    ax[2].set_title("thinking curve (star: best-of-N at the trained K)", fontsize=9)
     for a, xl in zip(ax, ("train step", "wall-clock s", "inference think steps k")):
         a.set_xlabel(xl)
         a.set_ylabel("val bits per token")
@@ -161,16 +187,23 @@ def main(cfg) -> None:
     names = [n for n in cc.runs if not cc.only or n in cc.only]
     if cc.only and set(cc.only) - set(cc.runs):
         raise SystemExit(f"error: only= names not in suite {cc.suite}: {sorted(set(cc.only) - set(cc.runs))}")
+    if cc.scale not in cc.scales:
+        raise SystemExit(f"error: unknown scale={cc.scale}; choose one of {sorted(cc.scales)} "
+                         "(configs/compare.yaml `scales`)")
     out = Path(cc.out_dir)
-    jobs = [{"name": n, "seed": s, "threads": max(1, cc.threads), "out_dir": str(out / "runs" / f"{n}_s{s}"),
-             "overrides": [*cc.base, *cc.runs[n], f"train.seed={s}", f"out_dir={out / 'runs' / f'{n}_s{s}'}"],
+    tag = "" if cc.scale == "cpu" else f"_{cc.scale}"  # other scales never reuse cpu runs
+    run_dir = lambda n, s: out / "runs" / f"{n}{tag}_s{s}"  # noqa: E731
+    jobs = [{"name": n, "seed": s, "threads": max(1, cc.threads), "out_dir": str(run_dir(n, s)),
+             "overrides": [*cc.scales[cc.scale], *cc.base, *cc.runs[n], f"train.seed={s}",
+                           f"out_dir={run_dir(n, s)}"],
              "eval_seed": cc.eval_seed, "eval_iters": cc.eval_iters, "eval_steps": list(cc.eval_steps),
              "n_candidates": cc.n_candidates, "bon_noise": cc.bon_noise}
             for s in cc.seeds for n in names]
     with ProcessPoolExecutor(max_workers=cc.jobs, mp_context=get_context("spawn")) as ex:
         records = list(ex.map(run_one, jobs))
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{cc.suite}.json"
+    stem = f"{cc.suite}{tag}"
+    path = out / f"{stem}.json"
     if path.exists():  # keep earlier runs of this suite (other names/seeds); replace re-runs
         done = {(r["name"], r["seed"]) for r in records}
         records = [r for r in json.loads(path.read_text()) if (r["name"], r["seed"]) not in done] + records
@@ -181,11 +214,11 @@ def main(cfg) -> None:
     tmp.replace(path)
     for r in records:  # JSON made the step keys strings
         r["val_loss_k"] = {int(k): v for k, v in r["val_loss_k"].items()}
-    md = table(records)
-    (out / f"{cc.suite}.md").write_text(md + "\n")
+    md = f"{results_table(records)}\n\nval CE (nats) by inference think step k:\n\n{table(records)}"
+    (out / f"{stem}.md").write_text(md + "\n")
     print(md)
-    plots(records, out / f"{cc.suite}.png")
-    print(f"wrote {out / f'{cc.suite}.json'} and {out / f'{cc.suite}.md'}")
+    plots(records, out / f"{stem}.png")
+    print(f"wrote {path} and {out / f'{stem}.md'}")
 
 
 if __name__ == "__main__":

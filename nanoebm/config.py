@@ -142,6 +142,8 @@ class SampleConfig:
 @dataclass
 class CompareConfig:
     suite: str = "recipes"       # name of the results files (configs/suite/<suite>.yaml sets it)
+    scale: str = "cpu"           # a key of `scales`: the model size and step budget of every run
+    scales: Dict[str, List[str]] = field(default_factory=dict)  # scale -> train.py overrides
     base: List[str] = field(default_factory=list)   # train.py overrides shared by every run
     runs: Dict[str, List[str]] = field(default_factory=dict)  # run name -> its overrides
     only: List[str] = field(default_factory=list)   # run just these names (empty = all)
