@@ -10,18 +10,22 @@ import sys
 from tests.conftest import REPO, SMALL
 
 
-def run_compare(tmp_path, base, only, seeds):
+def run_compare(tmp_path, base, only, seeds, suite="recipes", extra=("eval_steps=[0,1,2,4]",)):
     return subprocess.run(
-        [sys.executable, str(REPO / "compare.py"), "suite=recipes", f"only={only}", f"base={base}",
-         "eval_iters=2", "eval_steps=[0,1,2,4]", "n_candidates=2", f"seeds={seeds}", f"out_dir={tmp_path}"],
+        [sys.executable, str(REPO / "compare.py"), f"suite={suite}", f"only={only}", f"base={base}",
+         "eval_iters=2", *extra, "n_candidates=2", f"seeds={seeds}", f"out_dir={tmp_path}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={**os.environ, "WANDB_MODE": "disabled"})
 
 
-def test_compare_suite_runs_and_writes_results(tmp_path):
+def tiny_base(*extra):
     # list items containing '=' must be quoted in Hydra's override grammar
-    base = "[" + ",".join(f"'{s}'" for s in SMALL if not s.startswith("train.max_steps")) + \
-        ",'train.max_steps=3','model.think_prox_weight=0.0']"  # as the suite's own base
+    return "[" + ",".join(f"'{s}'" for s in [*SMALL, *extra] if not s.startswith("train.max_steps")) + "]"
+
+
+def test_compare_suite_runs_and_writes_results(tmp_path):
+    base = tiny_base("train.max_steps=3", "model.langevin_noise=0.0", "model.think_lr_random_scale=1.0",
+                     "model.think_prox_weight=0.0")  # as the suite's own base
     r = run_compare(tmp_path, base, "[r0_baseline,r1_default,r2_prox]", "[1,2]")
     assert r.returncode == 0, r.stderr[-3000:]
     recs = json.loads((tmp_path / "thinking_recipes.json").read_text())
@@ -49,3 +53,47 @@ def test_compare_suite_runs_and_writes_results(tmp_path):
     assert len(recs2) == 7 and ("r0_baseline", 3) in {(x["name"], x["seed"]) for x in recs2}
     assert ckpt.resolve().stat().st_mtime_ns == before
     assert {(x["name"], x["seed"]): x for x in recs2}["r0_baseline", 1] == by["r0_baseline", 1]
+
+
+def test_results_suite_writes_every_run_and_curve_point_on_fixed_windows(tmp_path):
+    """suite=compare (README "Results"): baseline, EBT, EBT+fast-PCD and the S2 recipe, every
+    thinking-curve point and best-of-N in compare.json, scored on the same fixed val windows."""
+    import torch
+    from nanoebm.checkpoint import load_checkpoint, model_from_checkpoint
+    from nanoebm.data import load_data
+    from nanoebm.losses import ce
+    from tests.conftest import compose
+    from tests.test_evaluate import direct_curve
+
+    r = run_compare(tmp_path, tiny_base("train.max_steps=4"), "[]", "[7]", suite="compare",
+                    extra=("eval_steps=[0,1,2,4,8]", "eval_seed=11"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = {x["name"]: x for x in json.loads((tmp_path / "compare.json").read_text())}
+    assert list(recs) == ["baseline", "ebt", "ebt_fast_pcd", "ebt_s2"]
+    assert list(recs["baseline"]["val_loss_k"]) == ["0"] and "val_loss_bon" not in recs["baseline"]
+    for name in ("ebt", "ebt_fast_pcd"):
+        assert list(recs[name]["val_loss_k"]) == ["0", "1", "2", "4", "8"] and "val_loss_bon" in recs[name]
+    assert list(recs["ebt_s2"]["val_loss_k"]) == ["0", "1", "2", "3", "4", "8"]  # K=2+1 random
+    assert all(x["wall_s"] > 0 and x["tokens_per_s"] > 0 and x["history"] for x in recs.values())
+    md = (tmp_path / "compare.md").read_text()
+    assert "| run | seed | params | steps | wall-clock | tokens/s | val bpb S1 |" in md
+    assert md.count("| ebt_s2 |") == 2 and (tmp_path / "compare.png").stat().st_size > 5000
+
+    # every run was scored on the windows drawn from eval_seed: recompute two runs' curves there
+    cfg = compose(*SMALL)
+    data = load_data(cfg.data)
+    g = torch.Generator().manual_seed(11)
+    batches = [data.get_batch("val", cfg.data.batch_size, cfg.data.block_size, g) for _ in range(2)]
+    base = model_from_checkpoint(load_checkpoint(tmp_path / "runs" / "baseline_s7" / "final.pt")).eval()
+    with torch.no_grad():
+        s1 = sum(ce(base.context(x).s1_logits, y).item() for x, y in batches) / 2
+    assert abs(s1 - recs["baseline"]["val_loss_k"]["0"]) < 1e-5
+    ebt = model_from_checkpoint(load_checkpoint(tmp_path / "runs" / "ebt_s7" / "final.pt")).eval()
+    ref = direct_curve(ebt, batches, 2, seed=11)  # a separate chain per k, same start
+    got = [recs["ebt"]["val_loss_k"][str(k)] for k in range(3)]
+    assert all(abs(a - b) < 1e-5 for a, b in zip(got, ref)), (got, ref)
+
+
+def test_unknown_scale_is_a_clear_error(tmp_path):
+    r = run_compare(tmp_path, tiny_base(), "[]", "[1]", suite="compare", extra=("scale=huge",))
+    assert r.returncode != 0 and "unknown scale=huge" in r.stderr + r.stdout
