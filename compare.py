@@ -62,7 +62,7 @@ def run_one(job: dict) -> dict:
 
 def eval_key(job: dict) -> list:
     return [job["eval_seed"], job["eval_iters"], sorted(job["eval_steps"]), job["n_candidates"],
-            job["bon_noise"]]
+            job["bon_noise"], "train_curve"]
 
 
 def score(job: dict, run_dir: Path) -> dict:
@@ -83,13 +83,18 @@ def score(job: dict, run_dir: Path) -> dict:
     trained_k = model.cfg.think_steps + model.cfg.think_steps_random
     ks = sorted(set(job["eval_steps"]) | {trained_k}) if trained_k else [0]
     curve = thinking_curve(model, batches, max(ks), seed=job["eval_seed"])
+    # the same curve on fixed *training* windows: does thinking fit what it was trained on?
+    g.manual_seed(job["eval_seed"])
+    train_batches = [data.get_batch("train", B, T, g) for _ in range(job["eval_iters"])]
+    train_curve = thinking_curve(model, train_batches, max(ks), seed=job["eval_seed"])
     rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rec = {"name": job["name"], "seed": job["seed"], "overrides": job["overrides"],
            "eval_key": eval_key(job), "params": model.num_params(), "steps": ck["step"],
            "wall_s": max(r.get("elapsed_s") or 0 for r in rows),  # training time, evals excluded
            "trained_k": trained_k, "alpha": model.alpha.detach().flatten().tolist(),
            "val_loss_k": {k: curve["loss_k"][k] for k in ks},
-           "val_loss_s1": curve.get("loss_s1"), "run_dir": str(run_dir)}
+           "val_loss_s1": curve.get("loss_s1"), "run_dir": str(run_dir),
+           "train_loss_k": {k: train_curve["loss_k"][k] for k in ks}}
     if trained_k and job["n_candidates"] > 1:
         rec["val_loss_bon"] = best_of_n_loss(model, batches, trained_k, job["n_candidates"],
                                              job["bon_noise"], seed=job["eval_seed"])
@@ -137,7 +142,7 @@ def results_table(records: list[dict]) -> str:
     bits = lambda x: f"{x / math.log(2):.4f}" if x is not None else "–"  # noqa: E731
     head = ["run", "seed", "params", "steps", "wall-clock", "tokens/s", "val bpb S1",
             "val bpb after thinking (k=K)", "best-of-N", "val bpb at k=" + ",".join(
-                str(k) for k in records[0]["eval_key"][2])]
+                str(k) for k in records[0]["eval_key"][2]), "train-window bpb k=0→K"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         k = r["trained_k"]
@@ -149,7 +154,8 @@ def results_table(records: list[dict]) -> str:
             f"{r['wall_s'] / 60:.1f} min", f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "–",
             bits(s1) if k == 0 or r.get("val_loss_s1") is not None else "–",
             bits(r["val_loss_k"][k]) + (f" (K={k})" if k else ""), bits(r.get("val_loss_bon")),
-            curve]) + " |")
+            curve, "→".join(bits(r["train_loss_k"][j]) for j in range(k + 1) if j in r["train_loss_k"])
+            if k and "train_loss_k" in r else "–"]) + " |")
     return "\n".join(lines)
 
 
@@ -213,7 +219,9 @@ def main(cfg) -> None:
     tmp.write_text(json.dumps(records, indent=1))
     tmp.replace(path)
     for r in records:  # JSON made the step keys strings
-        r["val_loss_k"] = {int(k): v for k, v in r["val_loss_k"].items()}
+        for key in ("val_loss_k", "train_loss_k"):
+            if key in r:
+                r[key] = {int(k): v for k, v in r[key].items()}
     md = f"{results_table(records)}\n\nval CE (nats) by inference think step k:\n\n{table(records)}"
     (out / f"{stem}.md").write_text(md + "\n")
     print(md)

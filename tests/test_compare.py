@@ -75,6 +75,8 @@ def test_results_suite_writes_every_run_and_curve_point_on_fixed_windows(tmp_pat
         assert list(recs[name]["val_loss_k"]) == ["0", "1", "2", "4", "8"] and "val_loss_bon" in recs[name]
     assert list(recs["ebt_s2"]["val_loss_k"]) == ["0", "1", "2", "3", "4", "8"]  # K=2+1 random
     assert all(x["wall_s"] > 0 and x["tokens_per_s"] > 0 and x["history"] for x in recs.values())
+    assert recs["ebt"]["train_loss_k"].keys() == recs["ebt"]["val_loss_k"].keys()  # train windows too
+    assert recs["ebt"]["train_loss_k"] != recs["ebt"]["val_loss_k"]
     md = (tmp_path / "compare.md").read_text()
     assert "| run | seed | params | steps | wall-clock | tokens/s | val bpb S1 |" in md
     assert md.count("| ebt_s2 |") == 2 and (tmp_path / "compare.png").stat().st_size > 5000
