@@ -166,7 +166,7 @@ def resolve_tokenizer(meta: dict | None, vocab_size: int, tokenizer: str | None 
     """The checkpoint's own tokenizer (its meta). `bpe_encoding` may point a BPE checkpoint at a
     moved rank file (its content must match); a tokenizer of another kind, or one whose
     vocabulary size differs from the model's, is refused."""
-    from nanoebm.data import load_bpe, tokenizer_from_meta  # data.py pulls numpy & co
+    from nanoebm.tokenizer import load_bpe, tokenizer_from_meta
     kind = (meta or {}).get("tokenizer")
     if tokenizer is not None and kind is not None and (tokenizer == "char") != (kind == "char"):
         raise ValueError(f"tokenizer={tokenizer}, but the checkpoint was trained with a {kind} "
