@@ -164,24 +164,35 @@ def plots(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    for r in records:
-        lab = f"{r['name']} s{r['seed']}"
-        h = r["history"]
-        ax[0].plot([x["step"] for x in h], [x["val_loss"] / math.log(2) for x in h], label=lab)
+    cmap = plt.get_cmap("tab10" if len(records) <= 10 else "tab20")
+    for i, r in enumerate(records):
+        lab, c = f"{r['name']} s{r['seed']}", cmap(i % cmap.N)  # one colour per run, all panels
+        h = [x for x in r["history"] if x["step"] > 0]  # the untrained step 0 would set the scale
+        ax[0].plot([x["step"] for x in h], [x["val_loss"] / math.log(2) for x in h], color=c, label=lab)
         if all(x["elapsed_s"] is not None for x in h):
-            ax[1].plot([x["elapsed_s"] for x in h], [x["val_loss"] / math.log(2) for x in h], label=lab)
+            ax[1].plot([x["elapsed_s"] for x in h], [x["val_loss"] / math.log(2) for x in h], color=c)
         if r["trained_k"]:
             ks = sorted(r["val_loss_k"])
-            line, = ax[2].plot(ks, [r["val_loss_k"][k] / math.log(2) for k in ks], "o-", label=lab)
-            if "val_loss_bon" in r:  # best-of-N at the trained K, same colour
-                ax[2].plot([r["trained_k"]], [r["val_loss_bon"] / math.log(2)], "*", ms=12,
-                           color=line.get_color())
-    ax[2].set_title("thinking curve (star: best-of-N at the trained K)", fontsize=9)
+            ax[2].plot(ks, [r["val_loss_k"][k] / math.log(2) for k in ks], "o-", color=c)
+            if "val_loss_bon" in r:  # best-of-N at the trained K
+                ax[2].plot([r["trained_k"]], [r["val_loss_bon"] / math.log(2)], "*", ms=12, color=c)
+        else:  # a baseline: its val bpb as the bar every thinking curve is read against
+            ax[2].axhline(r["val_loss_k"][0] / math.log(2), ls="--", lw=1, color=c)
+    ax[2].set_title("thinking curve (star: best-of-N at the trained K; dashed: baseline)", fontsize=9)
     for a, xl in zip(ax, ("train step", "wall-clock s", "inference think steps k")):
         a.set_xlabel(xl)
         a.set_ylabel("val bits per token")
         a.grid(alpha=0.3)
-    ax[2].legend(fontsize=7)
+    ax[0].legend(fontsize=7)
+    later = [v for r in records for k, v in r["val_loss_k"].items() if k > 0]
+    if later:  # keep a noise start's k=0 (several bits) from flattening the rest; label it
+        top = 1.05 * max(later + [r["val_loss_k"][0] for r in records if r["trained_k"]
+                                  and r["val_loss_k"][0] < 1.5 * max(later)]) / math.log(2)
+        ax[2].set_ylim(top=top)
+        for r in records:
+            if r["trained_k"] and r["val_loss_k"][0] / math.log(2) > top:
+                ax[2].annotate(f"k=0: {r['val_loss_k'][0] / math.log(2):.2f} ↑", (0, top),
+                               xytext=(0.2, 0.97 * top), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     print(f"wrote {path}")
