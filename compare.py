@@ -148,11 +148,10 @@ def results_table(records: list[dict]) -> str:
         k = r["trained_k"]
         curve = "/".join(bits(r["val_loss_k"][j]) for j in r["eval_key"][2] if j in r["val_loss_k"]) \
             if k else "–"
-        s1 = r["val_loss_s1"] if r.get("val_loss_s1") is not None else r["val_loss_k"][0]
         lines.append("| " + " | ".join([
             r["name"], str(r["seed"]), f"{r['params'] / 1e6:.2f}M", str(r["steps"]),
             f"{r['wall_s'] / 60:.1f} min", f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "–",
-            bits(s1) if k == 0 or r.get("val_loss_s1") is not None else "–",
+            bits(r.get("val_loss_s1")),  # None (no S1 head) prints "–"
             bits(r["val_loss_k"][k]) + (f" (K={k})" if k else ""), bits(r.get("val_loss_bon")),
             curve, "→".join(bits(r["train_loss_k"][j]) for j in range(k + 1) if j in r["train_loss_k"])
             if k and "train_loss_k" in r else "–"]) + " |")

@@ -33,9 +33,10 @@ from nanoebm import landscape as L
 from nanoebm import plots as P
 from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from nanoebm.config import DataConfig, VizConfig, apply_cli_shims, register_configs
-from nanoebm.data import load_data, tokenizer_from_meta
+from nanoebm.data import load_data
 from nanoebm.evaluate import thinking_curve
 from nanoebm.runtime import pick_device
+from nanoebm.tokenizer import tokenizer_from_meta
 
 MODES = ("topk", "gap", "gap_multi", "bowl_panels", "bowl_anim", "traj", "surface3d",
          "surface_anim", "margin", "eval", "per_token")

@@ -31,14 +31,7 @@ import numpy as np
 import torch
 
 from nanoebm.config import DataConfig
-from nanoebm.tokenizer import (  # noqa: F401 (EOT, tokenizer_from_meta: re-exported)
-    EOT,
-    BPETokenizer,
-    CharTokenizer,
-    load_bpe,
-    resolve_path,
-    tokenizer_from_meta,
-)
+from nanoebm.tokenizer import BPETokenizer, CharTokenizer, load_bpe, resolve_path
 
 CACHE_VERSION = 1
 THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

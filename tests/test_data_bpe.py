@@ -21,6 +21,7 @@ import tiktoken
 import torch
 
 import nanoebm.data as D
+import nanoebm.tokenizer as Tk
 from nanoebm.config import DataConfig
 from tests.conftest import REPO, SMALL, compose
 
@@ -90,39 +91,39 @@ def count_encodes(monkeypatch) -> list:
 
 # ------------------------------------------------------------------------------- encoding
 def test_rank_file_tokenizer_meta_and_mismatch(rank_file, ranks, tmp_path):
-    tok = D.load_bpe(str(rank_file))
+    tok = Tk.load_bpe(str(rank_file))
     assert tok.vocab_size == len(ranks) + 1 and tok.eot == len(ranks)  # EOT after the ranks
     s = "ROMEO: what <|endoftext|> light"
     assert tok.decode(tok.encode(s)) == s and tok.eot not in tok.encode(s)  # typed EOT = text
     assert len(tok.encode(TEXT[:2000])) < 2000  # merges do merge
     meta = tok.meta
     assert meta["encoding"] == str(rank_file) and len(meta["sha256"]) == 64
-    assert D.tokenizer_from_meta(meta).encode(s) == tok.encode(s)
+    assert Tk.tokenizer_from_meta(meta).encode(s) == tok.encode(s)
     copy = write_ranks(tmp_path / "moved.tiktoken", ranks)  # same content elsewhere: accepted
-    assert D.tokenizer_from_meta(meta, bpe_encoding=str(copy)).sha256 == meta["sha256"]
+    assert Tk.tokenizer_from_meta(meta, bpe_encoding=str(copy)).sha256 == meta["sha256"]
     swapped = dict(ranks)
     (a, ra), (b, rb) = list(ranks.items())[-2:]
     swapped[a], swapped[b] = rb, ra
     edited = write_ranks(tmp_path / "edited.tiktoken", swapped)
     with pytest.raises(ValueError, match="not the one the checkpoint was trained with"):
-        D.tokenizer_from_meta(meta, bpe_encoding=str(edited))
+        Tk.tokenizer_from_meta(meta, bpe_encoding=str(edited))
     write_ranks(copy, swapped)  # edited in place: re-read, not served from a path cache
     with pytest.raises(ValueError, match="sha256"):
-        D.tokenizer_from_meta(meta, bpe_encoding=str(copy))
+        Tk.tokenizer_from_meta(meta, bpe_encoding=str(copy))
     with pytest.raises(FileNotFoundError, match="rank file not found"):
-        D.load_bpe(str(tmp_path / "nope.tiktoken"))
+        Tk.load_bpe(str(tmp_path / "nope.tiktoken"))
     with pytest.raises(FileNotFoundError, match="checkpoint's encoding"):  # moved/deleted
-        D.tokenizer_from_meta({**meta, "encoding": str(tmp_path / "gone.tiktoken")})
+        Tk.tokenizer_from_meta({**meta, "encoding": str(tmp_path / "gone.tiktoken")})
 
 
 def test_named_encoding_hash_is_content_and_offline_error(ranks, rank_file, monkeypatch):
     from tiktoken_ext.openai_public import r50k_pat_str
     enc = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                            special_tokens={D.EOT: len(ranks)})
+                            special_tokens={Tk.EOT: len(ranks)})
     monkeypatch.setitem(tiktoken.registry.ENCODINGS, "gpt2", enc)
-    named = D.load_bpe("gpt2")
+    named = Tk.load_bpe("gpt2")
     assert named.meta["encoding"] == "gpt2"
-    assert named.sha256 == D.load_bpe(str(rank_file)).sha256  # same vocabulary, same hash
+    assert named.sha256 == Tk.load_bpe(str(rank_file)).sha256  # same vocabulary, same hash
     monkeypatch.delitem(tiktoken.registry.ENCODINGS, "gpt2")
 
     def offline(name):
@@ -130,17 +131,17 @@ def test_named_encoding_hash_is_content_and_offline_error(ranks, rank_file, monk
         raise requests.exceptions.ConnectionError("Failed to resolve openaipublic.blob.core.windows.net")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(ValueError) as e:
-        D.load_bpe("gpt2")
+        Tk.load_bpe("gpt2")
     msg = str(e.value)
     assert "\n" not in msg and "data.bpe_encoding=" in msg and "r50k_base.tiktoken" in msg
     with pytest.raises(ValueError, match="not a tiktoken encoding"):
-        D.load_bpe("gpt3")
+        Tk.load_bpe("gpt3")
 
 
 # ---------------------------------------------------------------------------------- cache
 def test_cache_built_once_reused_and_invalidated(rank_file, tmp_path, monkeypatch):
     shard_docs = write_shards(tmp_path / "fw", 3)
-    tok = D.load_bpe(str(rank_file))
+    tok = Tk.load_bpe(str(rank_file))
     calls = count_encodes(monkeypatch)
     cfg = DataConfig(data_path=str(tmp_path / "fw"), tokenizer="gpt2", bpe_encoding=str(rank_file),
                      block_size=16)
@@ -183,7 +184,7 @@ def test_uint32_cache_for_large_vocab(tmp_path):
     data = D.load_data(DataConfig(data_path=str(tmp_path / "fw"), tokenizer="gpt2",
                                   bpe_encoding=str(path), block_size=8))
     assert data.train.dtype == np.uint32 and data.vocab_size == 65793
-    ref = reference_tokens(D.load_bpe(str(path)).enc, shard_docs)
+    ref = reference_tokens(Tk.load_bpe(str(path)).enc, shard_docs)
     assert ref.max() > 65535  # ids that a uint16 cache would corrupt
     np.testing.assert_array_equal(np.concatenate([data.train, data.val]), ref)
 
@@ -194,7 +195,7 @@ def test_text_file_streams_in_chunks_exactly(rank_file, tmp_path, monkeypatch):
     f.write_text(text)
     chunks = list(D.text_chunks(f, size=997))
     assert len(chunks) > 20 and "".join(chunks) == text
-    tok = D.load_bpe(str(rank_file))
+    tok = Tk.load_bpe(str(rank_file))
     real = D.text_chunks
     monkeypatch.setattr(D, "text_chunks", lambda p: real(p, size=997))
     data = D.load_data(DataConfig(data_path=str(f), tokenizer="gpt2", bpe_encoding=str(rank_file),
@@ -323,10 +324,10 @@ def test_train_bpe_end_to_end(rank_file, tmp_path, monkeypatch):
     train_rows = [r for r in rows if "loss" in r]
     assert "bpt" in train_rows[0] and train_rows[-1]["tokens"] == 2 * 2 * 16  # steps * B * T
     ckpt = load_checkpoint(summary["run_dir"] / "final.pt")
-    tok = D.load_bpe(str(rank_file))
+    tok = Tk.load_bpe(str(rank_file))
     assert ckpt["meta"] == tok.meta  # path + sha256 of the encoding
     prompt = "ROMEO: the king"
-    assert D.tokenizer_from_meta(ckpt["meta"]).encode(prompt) == tok.enc.encode_ordinary(prompt)
+    assert Tk.tokenizer_from_meta(ckpt["meta"]).encode(prompt) == tok.enc.encode_ordinary(prompt)
     (res,) = sample_script.sample(SampleConfig(checkpoint=str(summary["run_dir"] / "final.pt"),
                                                prompt=prompt, max_new_tokens=4, device="cpu"))
     assert res["text"] == tok.decode(tok.encode(prompt) + res["tokens"])  # same encoding
@@ -349,7 +350,7 @@ def test_seed_commands_with_fixture_shards(seed_cmd, ranks, tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("HOME", str(tmp_path))
     enc = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                            special_tokens={D.EOT: len(ranks)})
+                            special_tokens={Tk.EOT: len(ranks)})
     monkeypatch.setitem(tiktoken.registry.ENCODINGS, "gpt2", enc)
     write_shards(tmp_path / "data" / "openfineweb", 3)
     summary = train(compose(*seed_cmd.split(), *TINY, f"out_dir={tmp_path / 'out'}"))

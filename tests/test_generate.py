@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from nanoebm.config import ModelConfig
-from nanoebm.data import CharTokenizer, load_bpe
 from nanoebm.generate import (encode_prompt, filter_logits, generate, pick_token, propose,
                               repeat_context, resolve_tokenizer)
 from nanoebm.losses import ebt_loss
 from nanoebm.model import EBT
 from nanoebm.think import initial_logits, think
+from nanoebm.tokenizer import CharTokenizer, load_bpe
 
 torch.set_num_threads(1)
 V, BS = 24, 16

@@ -13,8 +13,8 @@ import torch
 import sample as sample_script
 from nanoebm.checkpoint import atomic_save, point_link
 from nanoebm.config import ModelConfig, SampleConfig, rewrite_argv
-from nanoebm.data import CharTokenizer
 from nanoebm.model import EBT
+from nanoebm.tokenizer import CharTokenizer
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent

@@ -22,9 +22,10 @@ import viz  # noqa: E402
 from nanoebm import landscape as L  # noqa: E402
 from nanoebm.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from nanoebm.config import DataConfig, ModelConfig, TrainConfig, TrainRunConfig  # noqa: E402
-from nanoebm.data import load_data, tokenizer_from_meta  # noqa: E402
+from nanoebm.data import load_data  # noqa: E402
 from nanoebm.losses import ce  # noqa: E402
 from nanoebm.think import initial_logits, think  # noqa: E402
+from nanoebm.tokenizer import tokenizer_from_meta  # noqa: E402
 from tests.conftest import REPO, compose  # noqa: E402
 
 # the viz.py lines of ../shared/seed-commands.md, verbatim (checked against the file below)
