@@ -22,6 +22,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from nanoebm.checkpoint import atomic_save, load_checkpoint, model_config_from_dict, point_link
+from nanoebm.coverage import continue_record, new_segment
 from nanoebm.config import TrainRunConfig, apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.evaluate import curve_metrics, thinking_curve
@@ -86,13 +87,17 @@ def train(cfg: TrainRunConfig) -> dict:
         opt.load_state_dict(resume["optimizer"])
         rt.set_rng_state(resume["rng"][min(rank, len(resume["rng"]) - 1)], data_gen)
         step = resume["step"]
+    # the sampler's record: replaying it gives every training window (evaluate.py train_seen)
+    B, T, accum = cfg.data.batch_size, cfg.data.block_size, tc.grad_accum_steps
+    sampler = continue_record(resume.get("sampler"), step) if resume is not None else []
+    if sampler is not None:
+        sampler.append(new_segment(data_gen, step, accum, world * B, len(data.train) - T - 1, T))
     # contrastive chains, fast weights, replay buffer: state beside the model, checkpointed too
     shaping = EnergyShaping(model.cfg, model)
     if resume is not None and "shaping" in resume:
         shaping.load_state_dict(resume["shaping"][min(rank, len(resume["shaping"]) - 1)], device)
     if tc.compile:  # only the context stream: torch.compile has no double backward
         model.context = torch.compile(model.context)
-    B, T, accum = cfg.data.batch_size, cfg.data.block_size, tc.grad_accum_steps
     decay_iters = tc.lr_decay_iters or tc.max_steps
     eval_steps = model.cfg.think_steps + model.cfg.think_steps_random
     # fixed val batches: every eval (and every k of the thinking curve) sees the same windows
@@ -130,7 +135,7 @@ def train(cfg: TrainRunConfig) -> dict:
                          "model_config": dataclasses.asdict(model.cfg),
                          "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
                          "meta": data.meta, "step": step_done, "rng": [s[0] for s in states],
-                         "shaping": [s[1] for s in states]}, path)
+                         "shaping": [s[1] for s in states], "sampler": sampler}, path)
         return path
 
     last_eval, t0, t_last = {}, time.time(), time.time()
