@@ -159,6 +159,32 @@ class CompareConfig:
 
 
 @dataclass
+class EvalConfig:
+    """evaluate.py: a checkpoint's thinking curve on any text and under graded shift."""
+    checkpoint: Optional[str] = None     # None = the newest finished run under train_out_dir
+    train_out_dir: str = "out_ebt"       # where train.py wrote its runs
+    out_dir: Optional[str] = None        # eval.{json,md,png}; None = <checkpoint folder>/eval
+    sets: List[str] = field(default_factory=lambda: [
+        "val", "train_seen", "train_unseen", "corrupt_02", "corrupt_05", "corrupt_10",
+        "corrupt_20", "lower"])         # built-in sets of the training text (nanoebm/shift.py)
+    texts: List[str] = field(default_factory=list)  # UTF-8 files / parquet folders to score too
+    drop_unknown: bool = False           # char: drop characters outside the vocabulary
+    data_path: Optional[str] = None      # None = the run's own data.data_path
+    bpe_encoding: Optional[str] = None   # BPE: where the rank file is now (content must match)
+    baseline: Optional[str] = None       # a plain-transformer checkpoint: the shift axis r
+    steps: int = 8                       # think steps scored: k = 0..steps (at least K)
+    windows: int = 512                   # fixed windows per set (evenly spaced)
+    batch_size: int = 32
+    bon: int = 4                         # best-of-N chains at K (<= 1: off)
+    bon_noise: float = 0.5               # Langevin noise that makes the chains differ
+    bootstrap: int = 1000                # resamples of windows for the 95% intervals
+    seed: int = 2024                     # corruption, chain noise, bootstrap
+    diagnose: bool = False               # also write diagnose.{json,md} (nanoebm/diagnose.py)
+    rerank_topk: int = 64                # verifier rerank over S1's top-k (vocab > topk)
+    device: str = "auto"
+
+
+@dataclass
 class VizConfig:
     """viz.py: pictures computed from a checkpoint's real energies (see viz.py for the modes)."""
     checkpoint: Optional[str] = None  # None: the newest out_ebt/run_*/final.pt
@@ -280,4 +306,5 @@ def register_configs() -> None:
     cs.store(name="base_compare", node=CompareConfig)
     cs.store(name="base_sample", node=SampleConfig)
     cs.store(name="base_viz", node=VizConfig)
+    cs.store(name="base_eval", node=EvalConfig)
     cs.store(name="base_bench", node=BenchConfig)

@@ -43,10 +43,12 @@ def replay_starts(record: list, end_step: int):
 
 
 def target_coverage(record: list, end_step: int, n_tokens: int) -> np.ndarray:
-    """(n_tokens,) int32: how many sampled windows had each training-split position as a target.
+    """(n_tokens,) int32: how many sampled windows had each of the first n_tokens training-split
+    positions as a target (n_tokens may be a prefix of the split: the counts there are exact).
     A window starting at i has inputs i..i+T-1 and targets i+1..i+T."""
     diff = np.zeros(n_tokens + 1, dtype=np.int64)
     for starts, T in replay_starts(record, end_step):
-        np.add.at(diff, starts + 1, 1)
-        np.add.at(diff, np.minimum(starts + 1 + T, n_tokens), -1)
+        first = starts[starts + 1 < n_tokens] + 1  # windows reaching into the prefix
+        np.add.at(diff, first, 1)
+        np.add.at(diff, np.minimum(first + T, n_tokens), -1)
     return np.cumsum(diff[:n_tokens]).astype(np.int32)

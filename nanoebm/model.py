@@ -221,10 +221,19 @@ class EBT(nn.Module):
         attention, first-order differentiable only (thinking that is not trained through)."""
         W = self.cand_weight.detach() if stopgrad_cand else self.cand_weight
         c = p.to(W.dtype) @ W  # (B, Tc, D): the expected embedding under p
+        return self.energy_of_embedding(ctx, c, step, fused)
+
+    def energy_of_tokens(self, ctx: Context, tokens, step: int = 0):
+        """E (B, Tc) of one-hot candidates, tokens (B, Tc): E(x, onehot(v)) without the (B, Tc, V)
+        one-hot tensor (a vocabulary of 50k makes that tensor the largest in the model)."""
+        return self.energy_of_embedding(ctx, self.cand_weight[tokens], step, fused=True)
+
+    def energy_of_embedding(self, ctx: Context, c, step: int = 0, fused: bool = False):
+        """The candidate stream on candidate embeddings c (B, Tc, D) -> energies (B, Tc)."""
         if self.step_emb is not None:  # step conditioning only here: the context stays shared
             c = c + self.step_emb.weight[min(step, self.step_emb.num_embeddings - 1)]
         c = self.drop(c)
-        Tc, Tk = p.shape[1], ctx.length
+        Tc, Tk = c.shape[1], ctx.length
         # candidate for x_{t+1} sits at RoPE position t+1
         cos, sin = self.rope_cos[Tk - Tc + 1:Tk + 1], self.rope_sin[Tk - Tc + 1:Tk + 1]
         for block, (k, v) in zip(self.blocks, ctx.kv):
