@@ -4,7 +4,9 @@
 * `data.tokenizer=gpt2`: tiktoken BPE; `data.bpe_encoding` is an encoding name (`gpt2`) or the
   path of a `.tiktoken` rank file (offline / custom vocabularies). Documents are EOT-separated.
 * `data.data_path`: a UTF-8 text file, or a folder of parquet shards with a `text` column
-  (FineWeb-Edu from download_data.py), the first `data.max_shards` of them in sorted order.
+  (FineWeb-Edu from download_data.py), the first `data.max_shards` of them in sorted order,
+  or `task:dyck` / `task:arith` (`task:NAME:ood` for the OOD split): a structured character
+  task generated on first use (nanoebm/tasks.py).
 
 Large corpora are tokenised once, streaming (RAM does not grow with the corpus), into a token
 cache (`tokens.bin`, uint16 when the vocabulary fits, and `meta.json`) inside the shard folder /
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanoebm import tasks
 from nanoebm.config import DataConfig
 from nanoebm.tokenizer import BPETokenizer, CharTokenizer, load_bpe, resolve_path
 
@@ -102,9 +105,9 @@ def list_sources(path: Path, max_shards: int | None) -> list[Path]:
             raise ValueError("data.max_shards applies to a folder of parquet shards, but "
                              f"data.data_path={path} is a file: drop data.max_shards")
         return [path]
-    raise FileNotFoundError(f"data file not found: {path} (data.data_path takes a UTF-8 text file "
-                            "or a folder of .parquet shards; for FineWeb-Edu, `python "
-                            "download_data.py -n 10` fills ~/data/openfineweb)")
+    raise FileNotFoundError(f"data file not found: {path} (data.data_path takes a UTF-8 text file, "
+                            "a folder of .parquet shards or task:dyck / task:arith; for "
+                            "FineWeb-Edu, `python download_data.py -n 10` fills ~/data/openfineweb)")
 
 
 def text_chunks(path: Path, size: int = 1 << 22):
@@ -264,7 +267,10 @@ def load_data(cfg: DataConfig, rank: int = 0, world: int = 1) -> TokenData:
     frac = cfg.val_fraction
     if frac is not None and not 0 < frac < 1:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {frac}")
-    path = resolve_path(cfg.data_path)
+    if tasks.task_name(cfg.data_path) is not None:
+        path = tasks.task_path(cfg.data_path, cfg.cache_dir)
+    else:
+        path = resolve_path(cfg.data_path)
     sources = list_sources(path, cfg.max_shards)
     parquet = path.is_dir()
     if cfg.tokenizer == "char" and not parquet:
