@@ -30,6 +30,7 @@ def position_curve(model: EBT, x: torch.Tensor, y: torch.Tensor, steps: int, *,
                 generator=generator)
     zs = [z0] + out.logits
     res = {"ce_k": torch.stack([ce(z, y, reduction="none").view(y.shape) for z in zs], -1),
+           "hit_k": torch.stack([z.argmax(-1) == y for z in zs], -1),  # (B, T, steps+1) argmax right
            "ctx": ctx}
     if steps > 0:
         res["energy_k"] = torch.stack([e.float() for e in out.energies + [out.final_energy]], -1)
@@ -122,8 +123,9 @@ def score_windows(model: EBT, x: torch.Tensor, y: torch.Tensor, steps: int, *, t
                   bon: int = 0, bon_noise: float = 0.5, batch_size: int = 32, seed: int = 0,
                   device="cpu", autocast=None) -> dict:
     """Per-position results on windows x, y (N, T), batch by batch as thinking_curve does
-    (batch i's chain seeded seed + i): ce_k (N, T, steps+1), energy_k (N, T, steps+1), ce_s1
-    (N, T) and, with bon > 1, ce_bon (N, T) of best-of-bon chains of trained_k steps."""
+    (batch i's chain seeded seed + i): ce_k and hit_k (argmax right) (N, T, steps+1), energy_k
+    (N, T, steps+1), ce_s1 (N, T) and, with bon > 1, ce_bon and hit_bon (N, T) of best-of-bon
+    chains of trained_k steps."""
     was_training = model.training
     model.eval()
     parts: dict[str, list] = {}
@@ -136,7 +138,8 @@ def score_windows(model: EBT, x: torch.Tensor, y: torch.Tensor, steps: int, *, t
                 z0 = initial_logits(model, r["ctx"], xb.shape[1], generator=gen)
                 z = best_of_n(model, r["ctx"], z0, trained_k, bon, bon_noise, gen)
                 r["ce_bon"] = ce(z, yb, reduction="none").view(yb.shape)
-        for key in ("ce_k", "energy_k", "ce_s1", "ce_bon"):
+                r["hit_bon"] = z.argmax(-1) == yb
+        for key in ("ce_k", "hit_k", "energy_k", "ce_s1", "ce_bon", "hit_bon"):
             if key in r:
                 parts.setdefault(key, []).append(r[key].float().cpu())
     model.train(was_training)

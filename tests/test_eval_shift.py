@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import evaluate as ev
+from nanoebm.scorecard import run_data
 import train as train_mod
 from nanoebm.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
 from nanoebm.config import EvalConfig
@@ -98,7 +99,7 @@ def test_seen_and_unseen_windows_are_what_they_claim(runs, tmp_path, resumed):
     res = ev.evaluate(EvalConfig(checkpoint=str(path), out_dir=str(tmp_path / "o"), device="cpu",
                                  sets=["train_seen", "train_unseen"], windows=8, bootstrap=50))
     from nanoebm.shift import builtin_sets
-    data = ev.run_data(ck, EvalConfig())
+    data = run_data(ck, EvalConfig())
     tok = tokenizer_from_meta(ck["meta"])
     sets = {s.name: s for s in builtin_sets(["train_seen", "train_unseen"], data, ck, tok, 16, 8, 0)[0]}
     for name, want in (("train_seen", True), ("train_unseen", False)):
@@ -144,7 +145,7 @@ def test_shift_axis_with_baseline(runs, tmp_path):
     ck_b = load_checkpoint(runs["base"])
     base = model_from_checkpoint(ck_b).eval()
     tok = tokenizer_from_meta(ck_b["meta"])
-    data = ev.run_data(ck_b, EvalConfig())
+    data = run_data(ck_b, EvalConfig())
     es = corrupt_set("corrupt_20", np.asarray(data.val), 16, 24, 0.2, tok.vocab_size, 2024, tok)
     with torch.no_grad():
         ce = torch.nn.functional.cross_entropy(base.context(es.x).s1_logits.transpose(1, 2), es.y,

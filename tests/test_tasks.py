@@ -194,3 +194,18 @@ def test_preset_trains_end_to_end(preset, cache, tmp_path):
     ck = load_checkpoint(Path(summary["run_dir"]) / "final.pt")
     train_text = tasks.task_files(preset.split("_")[0], cache_dir=str(cache))["train"].read_text()
     assert ck["meta"]["chars"] == sorted(set(train_text))
+    # evaluate.py writes the task metrics: determined vs free positions, in and out of distribution
+    import evaluate as ev
+    from nanoebm.config import EvalConfig
+    res = ev.evaluate(EvalConfig(checkpoint=str(Path(summary["run_dir"]) / "final.pt"), sets=["val"],
+                                 windows=6, bootstrap=20, task_lines=3, device="cpu",
+                                 out_dir=str(tmp_path / "ev")))
+    groups = res["task"]["groups"]
+    assert set(groups) == {"val", "ood"}
+    for name in ("val", "ood"):
+        det, free = groups[name]["determined"], groups[name]["free"]
+        assert det["n_positions"] + free["n_positions"] == res["sets"][name]["n_positions"] > 0
+        assert det["n_positions"] > 0 and len(det["acc_k"]) == res["steps"] + 1
+    if preset == "arith_cpu":
+        assert set(res["task"]["exact_match"]["ood"]) == {"n", "s1", "think", "bon"}
+    assert "| ood | determined |" in (tmp_path / "ev" / "eval.md").read_text()
