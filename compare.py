@@ -27,6 +27,7 @@ from pathlib import Path
 import hydra
 from omegaconf import OmegaConf
 
+from nanoebm import tasks
 from nanoebm.config import CompareConfig, apply_cli_shims, register_configs
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
@@ -98,6 +99,13 @@ def score(job: dict, run_dir: Path) -> dict:
     if trained_k and job["n_candidates"] > 1:
         rec["val_loss_bon"] = best_of_n_loss(model, batches, trained_k, job["n_candidates"],
                                              job["bon_noise"], seed=job["eval_seed"])
+    if tasks.task_name(cfg.data.data_path):  # structured task: determined positions, OOD split
+        from nanoebm.config import EvalConfig
+        from nanoebm.scorecard import score_checkpoint
+        ev = score_checkpoint(EvalConfig(checkpoint=str(run_dir / "final.pt"), sets=["val"],
+                                         windows=job["eval_iters"] * B, bon=job["n_candidates"],
+                                         bon_noise=job["bon_noise"], seed=job["eval_seed"]))
+        rec["task"] = ev["task"]
     tok_s = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # skip warm-up row
     rec["tokens_per_s"] = statistics.median(tok_s) if tok_s else None
     rec["ms_per_step"] = 1000 * B * T * cfg.train.grad_accum_steps / rec["tokens_per_s"] if tok_s else None
@@ -155,6 +163,35 @@ def results_table(records: list[dict]) -> str:
             bits(r["val_loss_k"][k]) + (f" (K={k})" if k else ""), bits(r.get("val_loss_bon")),
             curve, "→".join(bits(r["train_loss_k"][j]) for j in range(k + 1) if j in r["train_loss_k"])
             if k and "train_loss_k" in r else "–"]) + " |")
+    return "\n".join(lines)
+
+
+def task_table(records: list[dict]) -> str:
+    """Markdown for structured tasks, one row per run (mean over seeds): CE and accuracy on the
+    determined positions at k=0 and k=K, in distribution (val) and out of it (ood), best-of-N
+    accuracy, and exact match of addition answers."""
+    by = {}
+    for r in records:
+        if "task" in r:
+            by.setdefault(r["name"], []).append(r)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    head = ["run", "seeds"] + [f"{s} {c}" for s in ("val", "ood") for c in
+                               ("CE k=0", "CE k=K", "gain [CI of seed 1]", "acc k=0", "acc k=K", "acc BoN")] + ["exact match ood s1/think/BoN"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, rs in by.items():
+        cells = [name, ",".join(str(r["seed"]) for r in rs)]
+        for split in ("val", "ood"):
+            g = [r["task"]["groups"][split]["determined"] for r in rs]
+            K = rs[0]["trained_k"]
+            cells += [f"{mean([x['ce_k'][0] for x in g]):.4f}", f"{mean([x['ce_k'][K] for x in g]):.4f}",
+                      f"{mean([x['gain'] for x in g]):+.4f} [{g[0]['gain_ci'][0]:+.4f}, {g[0]['gain_ci'][1]:+.4f}]"
+                      if "gain" in g[0] else "–",
+                      f"{mean([x['acc_k'][0] for x in g]):.3f}", f"{mean([x['acc_k'][K] for x in g]):.3f}",
+                      f"{mean([x['acc_bon'] for x in g]):.3f}" if "acc_bon" in g[0] else "–"]
+        em = [r["task"].get("exact_match", {}).get("ood") for r in rs]
+        cells.append("/".join(f"{mean([e[k] for e in em]):.3f}" for k in ("s1", "think", "bon") if k in em[0])
+                     if em[0] else "–")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -233,6 +270,8 @@ def main(cfg) -> None:
             if key in r:
                 r[key] = {int(k): v for k, v in r[key].items()}
     md = f"{results_table(records)}\n\nval CE (nats) by inference think step k:\n\n{table(records)}"
+    if any("task" in r for r in records):
+        md += f"\n\ndetermined positions (nats, argmax accuracy):\n\n{task_table(records)}"
     (out / f"{stem}.md").write_text(md + "\n")
     print(md)
     plots(records, out / f"{stem}.png")

@@ -99,3 +99,16 @@ def test_results_suite_writes_every_run_and_curve_point_on_fixed_windows(tmp_pat
 def test_unknown_scale_is_a_clear_error(tmp_path):
     r = run_compare(tmp_path, tiny_base(), "[]", "[1]", suite="compare", extra=("scale=huge",))
     assert r.returncode != 0 and "unknown scale=huge" in r.stderr + r.stdout
+
+
+def test_structured_suite_scores_determined_positions(tmp_path):
+    base = tiny_base("train.max_steps=2", f"data.cache_dir={tmp_path / 'cache'}")
+    r = run_compare(tmp_path, base, "[dyck_baseline,dyck_ebt]", "[1]", suite="structured")
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = {x["name"]: x for x in json.loads((tmp_path / "structured.json").read_text())}
+    for name in ("dyck_baseline", "dyck_ebt"):
+        g = recs[name]["task"]["groups"]
+        assert set(g) == {"val", "ood"} and g["ood"]["determined"]["n_positions"] > 0
+    assert "gain" in recs["dyck_ebt"]["task"]["groups"]["ood"]["determined"]
+    md = (tmp_path / "structured.md").read_text()
+    assert "determined positions" in md and "| dyck_ebt | 1 |" in md
