@@ -17,6 +17,7 @@ own override list; anything train.py accepts works there.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -234,6 +235,42 @@ def plots(records: list[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def shift_eval(cc: CompareConfig, records: list[dict], out: Path, name: str) -> None:
+    """evaluate.py's sets on every thinking run, with the plain transformer (trained_k 0) of the
+    same seed as the reference; cached per run folder, combined into results/<name>.*"""
+    from nanoebm.config import EvalConfig
+    from nanoebm.diagnose import report
+    from nanoebm.scorecard import plot, score_checkpoint, table
+    base = {r["seed"]: r["run_dir"] for r in records if r["trained_k"] == 0}
+    results, md = [], []
+    for r in records:
+        if r["trained_k"] == 0:
+            continue
+        ec = EvalConfig(checkpoint=str(Path(r["run_dir"]) / "final.pt"), sets=list(cc.eval_sets),
+                        baseline=str(Path(base[r["seed"]]) / "final.pt") if r["seed"] in base else None,
+                        windows=cc.eval_windows, bon=cc.n_candidates, bon_noise=cc.bon_noise,
+                        seed=cc.eval_seed, diagnose=cc.diagnose)
+        key = json.dumps(dataclasses.asdict(ec), sort_keys=True)
+        cache = Path(r["run_dir"]) / "shift_eval.json"
+        res = json.loads(cache.read_text()) if cache.exists() else {}
+        if res.get("key") != key:
+            res = {"key": key, **score_checkpoint(ec)}
+            cache.write_text(json.dumps(res, indent=1))
+        label = f"{r['name']} s{r['seed']}"
+        results.append((label, res))
+        md += [f"## {label}", "", table(res), ""]
+        if res.get("diagnose"):
+            md += [f"### diagnostics, {label}", "", report(res["diagnose"]), ""]
+    tmp = out / f"{name}.json.tmp"
+    tmp.write_text(json.dumps([{"run": lab, **{k: v for k, v in res.items() if k != "key"}}
+                               for lab, res in results], indent=1))
+    tmp.replace(out / f"{name}.json")
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    plot(results, out / f"{name}.png")
+    print("\n".join(md))
+    print(f"wrote {out / name}.json, .md, .png")
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="compare")
 def main(cfg) -> None:
     cc: CompareConfig = OmegaConf.to_object(cfg)
@@ -244,7 +281,7 @@ def main(cfg) -> None:
         raise SystemExit(f"error: unknown scale={cc.scale}; choose one of {sorted(cc.scales)} "
                          "(configs/compare.yaml `scales`)")
     out = Path(cc.out_dir)
-    tag = "" if cc.scale == "cpu" else f"_{cc.scale}"  # other scales never reuse cpu runs
+    tag = "" if cc.scale in ("cpu", "own") else f"_{cc.scale}"  # other scales never reuse cpu runs
     run_dir = lambda n, s: out / "runs" / f"{n}{tag}_s{s}"  # noqa: E731
     jobs = [{"name": n, "seed": s, "threads": max(1, cc.threads), "out_dir": str(run_dir(n, s)),
              "overrides": [*cc.scales[cc.scale], *cc.base, *cc.runs[n], f"train.seed={s}",
@@ -276,6 +313,8 @@ def main(cfg) -> None:
     print(md)
     plots(records, out / f"{stem}.png")
     print(f"wrote {path} and {out / f'{stem}.md'}")
+    if cc.eval_sets:
+        shift_eval(cc, records, out, cc.eval_name or f"{cc.suite}_eval{tag}")
 
 
 if __name__ == "__main__":

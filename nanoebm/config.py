@@ -153,6 +153,12 @@ class CompareConfig:
     eval_seed: int = 2024
     n_candidates: int = 4        # best-of-N at the trained step count (1 = off)
     bon_noise: float = 0.5       # Langevin noise that makes the N chains differ
+    # evaluate.py on every thinking run (nanoebm/scorecard.py), the suite's plain transformer
+    # of the same seed as the shift axis: results/<eval_name>.{json,md,png}
+    eval_sets: List[str] = field(default_factory=list)  # e.g. [val, corrupt_05]; empty = off
+    eval_windows: int = 512
+    eval_name: Optional[str] = None  # None = <suite>_eval (+ _<scale> off the cpu scale)
+    diagnose: bool = False       # also the diagnostics of every thinking run
     jobs: int = 1                # runs trained in parallel (processes)
     threads: int = 1             # torch threads per run
     out_dir: str = "results"

@@ -185,3 +185,68 @@ def score_checkpoint(cfg: EvalConfig) -> dict:
     diag = diagnostics(model, sets, K, cfg, device, tok, ck) if cfg.diagnose else None
     res["diagnose"] = diag
     return res
+
+
+# ------------------------------------------------------------------------------ report
+def table(res: dict) -> str:
+    """Markdown: one row per set."""
+    steps = res["steps"]
+    ks = sorted({0, 1, 2, res["trained_k"], steps} & set(range(steps + 1)))
+    head = ["set", "positions", "r"] + [f"CE k={k}" for k in ks] + \
+        ["S1", "best-of-N", f"gain k=0→{res['trained_k']} [95% CI]", "EBT − ref"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    f = lambda v: f"{v:.4f}" if isinstance(v, float) else "–"  # noqa: E731
+    for name, s in res["sets"].items():
+        gain = f"{s['gain']:+.4f} [{s['gain_ci'][0]:+.4f}, {s['gain_ci'][1]:+.4f}]" if "gain" in s else "–"
+        lines.append("| " + " | ".join([name, str(s["n_positions"]), f(s.get("r"))] +
+                                       [f(s["ce_k"][k]) for k in ks] + [f(s.get("ce_s1")), f(s.get("ce_bon")),
+                                        gain, f"{s['gap']:+.4f}" if "gap" in s else "–"]) + " |")
+    notes = [f"- {n}: {s['note']}" for n, s in res["sets"].items() if s["note"]] + \
+        [f"- {n}" for n in res["notes"]]
+    ax = res["shift"]
+    if "slope_graded" in ax:
+        notes.append(f"- slope of gain vs ln r: {ax['slope_graded']:+.4f} over val + corrupt_*"
+                     + (f", {ax['slope_all']:+.4f} over all sets" if "slope_all" in ax else ""))
+    return "\n".join(lines + [""] + notes)
+
+
+def plot(results: list, path: Path) -> None:
+    """results: [(label, eval result)]. Left: CE(k) - CE(0) per set (one result) or for val and
+    the most shifted set (several). Right: the gain at K against ln r (the paper's Fig. 7), with
+    95% intervals and each result's least-squares line over the graded sets."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    cmap = plt.get_cmap("tab10")
+    for i, (label, res) in enumerate(results):
+        sets = res["sets"]
+        far = max(sets, key=lambda n: sets[n].get("ln_r", 0))
+        shown = list(sets) if len(results) == 1 else ["val", far] if "val" in sets else [far]
+        for j, name in enumerate(shown):
+            s, c = sets[name], cmap((i if len(results) > 1 else j) % 10)
+            ax[0].plot(range(len(s["ce_k"])), [v - s["ce_k"][0] for v in s["ce_k"]], "o-" if j == 0 or len(results) == 1 else "s--",
+                       ms=3, color=c, label=f"{label} {name}".strip())
+        pts = [(s["ln_r"], s["gain"], s["gain_ci"], n) for n, s in sets.items() if "gain" in s and "ln_r" in s]
+        for x, g, (lo, hi), name in pts:
+            ax[1].errorbar([x], [g], yerr=[[g - lo], [hi - g]], fmt="o", capsize=3, color=cmap(i % 10))
+            if len(results) == 1:
+                ax[1].annotate(name, (x, g), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        slope = res.get("shift", {}).get("slope_graded")
+        graded = [(x, g) for x, g, _, n in pts if n == "val" or n.startswith("corrupt_")]
+        if slope is not None and graded:
+            xs = [x for x, _ in graded]
+            x0, y0 = sum(xs) / len(xs), sum(g for _, g in graded) / len(graded)
+            ax[1].plot([min(xs), max(xs)], [y0 + slope * (min(xs) - x0), y0 + slope * (max(xs) - x0)],
+                       color=cmap(i % 10), lw=1, label=f"{label} slope {slope:+.3f}".strip())
+    K = results[0][1]["trained_k"]
+    ax[0].set(xlabel="inference think steps k", ylabel="CE(k) − CE(0), nats", title="thinking curve")
+    ax[1].set(xlabel="ln r (shift: reference CE above its val CE)", ylabel=f"gain CE(0) − CE({K}), nats",
+              title="does thinking pay more under shift?")
+    for a in ax:
+        a.axhline(0, color="k", lw=0.6)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

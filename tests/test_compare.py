@@ -110,5 +110,21 @@ def test_structured_suite_scores_determined_positions(tmp_path):
         g = recs[name]["task"]["groups"]
         assert set(g) == {"val", "ood"} and g["ood"]["determined"]["n_positions"] > 0
     assert "gain" in recs["dyck_ebt"]["task"]["groups"]["ood"]["determined"]
+    assert "experiment=cpu" not in recs["dyck_ebt"]["overrides"]  # the preset's own size
     md = (tmp_path / "structured.md").read_text()
     assert "determined positions" in md and "| dyck_ebt | 1 |" in md
+
+
+def test_shift_eval_of_every_thinking_run(tmp_path):
+    base = tiny_base("train.max_steps=3")
+    r = run_compare(tmp_path, base, "[baseline,ebt]", "[1]", suite="compare",
+                    extra=("eval_steps=[0,1,2]", "eval_sets=[val,corrupt_10]", "eval_windows=8",
+                           "diagnose=true", "eval_name=eval_tiny"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (res,) = json.loads((tmp_path / "eval_tiny.json").read_text())  # the EBT only
+    assert res["run"] == "ebt s1" and "/runs/baseline_s1/" in res["baseline"]
+    assert set(res["sets"]) == {"val", "corrupt_10"} and res["sets"]["val"]["r"] == 1.0
+    assert "corrupt_10" in res["diagnose"]
+    md = (tmp_path / "eval_tiny.md").read_text()
+    assert "## ebt s1" in md and "| corrupt_10 |" in md and "diagnostics, ebt s1" in md
+    assert (tmp_path / "eval_tiny.png").stat().st_size > 5000
