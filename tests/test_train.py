@@ -52,6 +52,7 @@ def test_legacy_aliases_map_onto_canonical_options():
     assert (m.think_steps, m.truncate_refine, m.detach_refine, m.think_lr, m.think_lr_learnable) == \
         (4, True, False, 7.0, False)
     assert compose("model.no_mcmc_detach=False").model.detach_refine is True
+    assert compose("model.langevin_noise=0.2").model.think_noise == 0.2  # the earlier name
 
 
 def run_cli(*args, cwd=REPO, env=None):
@@ -110,7 +111,7 @@ def test_run_folder_contents_and_checkpoint_format(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     common = [*SMALL, "train.max_steps=6", "train.save_interval=3", "model.dropout=0.1",
-              "model.langevin_noise=0.1", "model.think_steps_random=1", "model.think_init=noise"]
+              "model.think_noise=0.1", "model.think_steps_random=1", "model.think_init=noise"]
     full = Path(train_mod.train(compose(*common, f"out_dir={tmp_path / 'a'}"))["run_dir"])
     resumed = Path(train_mod.train(compose(*common, f"out_dir={tmp_path / 'b'}",
                    f"load_checkpoint={full / 'ckpt_step_000003.pt'}"))["run_dir"])
@@ -146,14 +147,14 @@ def test_corrupt_or_missing_checkpoint_gives_clear_error(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real = train_mod.ebt_loss
+    real = train_mod.forward_backward
     calls = []
 
     def poisoned(model, x, y, **kw):
         loss, m = real(model, x, y, **kw)
         calls.append(1)
         return (loss * float("nan"), m) if len(calls) >= 4 else (loss, m)
-    monkeypatch.setattr(train_mod, "ebt_loss", poisoned)
+    monkeypatch.setattr(train_mod, "forward_backward", poisoned)
     cfg = compose(*SMALL, "train.max_steps=8", "train.save_interval=2", f"out_dir={tmp_path}")
     with pytest.raises(SystemExit, match="training diverged: loss is nan at step 4"):
         train_mod.train(cfg)
@@ -200,7 +201,7 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp
     """torchrun --nproc_per_node=2 with data.batch_size=2 == one process with batch_size=4:
     same global batch each step, gradients averaged by the all-reduce, same final weights."""
     common = [*SMALL, "train.max_steps=3", "model.think_steps=2", "train.grad_clip=0", "model.dropout=0",
-              "model.langevin_noise=0", "model.think_lr_random_scale=1",  # per-rank noise differs
+              "model.think_noise=0", "model.think_lr_random_scale=1",  # per-rank noise differs
               "train.save_interval=0", "train.decay_lr=false", "train.learning_rate=1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
