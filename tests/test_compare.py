@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, SMALL
+
+pytestmark = pytest.mark.slow  # compare.py as a subprocess, training several runs
 
 
 def run_compare(tmp_path, base, only, seeds, suite="recipes", extra=("eval_steps=[0,1,2,4]",)):

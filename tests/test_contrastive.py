@@ -267,6 +267,7 @@ TINY_RUN = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "data.block_
             "train.eval_iters=4", "train.eval_interval=1000", "model.dropout=0.0"]
 
 
+@pytest.mark.slow
 def test_energies_stay_bounded_over_200_steps_at_weight_1(tmp_path):
     """The earlier repo's mean energy went 0.2 -> 40 in 300 steps at weight 1. With both phases
     trained and the square term, energies settle near -+1/(2 reg) = -+5."""
@@ -284,6 +285,7 @@ def test_energies_stay_bounded_over_200_steps_at_weight_1(tmp_path):
     assert {"cd_loss", "energy_margin", "buffer_fill", "restarts"} <= set(logged[-1])
 
 
+@pytest.mark.slow
 def test_cd_improves_the_energy_margin_over_no_contrastive(tmp_path):
     """Same seed, steps and data: the true token ends below the model's own prediction and the
     negatives at more val positions when CD is on."""

@@ -149,6 +149,7 @@ def test_think_steps_random_trains_on_k_to_k_plus_r_and_evaluates_on_k_plus_r():
 
 
 # ------------------------------------------------------------------ presets and resume
+@pytest.mark.slow
 def test_ebt_s1_and_s2_presets_mirror_the_reference_and_run(tmp_path):
     s1, cfg1 = run_train(["experiment=ebt_s1"] + SMALL, tmp_path / "s1")
     m = cfg1.model

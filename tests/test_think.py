@@ -164,6 +164,7 @@ def test_think_steps_zero_is_exactly_the_causal_lm():
     assert m.energy_head is None and m.w_cand is None and not m.alpha.requires_grad
 
 
+@pytest.mark.slow
 def test_trained_model_thinking_lowers_energy_and_changes_prediction(trained_ckpt):
     ckpt = load_checkpoint(trained_ckpt)
     m = model_from_checkpoint(ckpt).eval()
@@ -196,6 +197,7 @@ def test_prox_weight_makes_long_chains_converge_instead_of_drifting():
     assert abs(prox[-1] - prox[-11]) < 0.01 * prox[-1] and prox[-1] < free[-1] / 5  # settled
 
 
+@pytest.mark.slow
 def test_default_recipe_think_step_lowers_ce_on_a_fixed_batch(trained_ckpt):
     """A few dozen steps of the default recipe: one think step from the S1 start lowers the CE
     of a fixed batch of training windows (directional: the step learned to help where it was
