@@ -40,18 +40,19 @@ class TrainingDiverged(RuntimeError):
 def train(cfg: TrainRunConfig) -> dict:
     """The whole training run; returns a summary dict (run_dir, steps, last eval metrics)."""
     # ---------------------------------------------------------------------------- setup
-    # One process per device; under torchrun every rank runs this same function.
+    # One process per device. Under torchrun every rank runs this same function on its own
+    # rows of each batch; the gradients are averaged by hand after each backward (see below).
     tc = cfg.train
     rank, _, world, device = rt.ddp_setup(rt.pick_device(tc.device))
-    master = rank == 0
-    autocast, dtype = rt.autocast_for(device, tc.dtype)
+    master = rank == 0  # rank 0 alone writes files and prints
+    autocast, dtype = rt.autocast_for(device, tc.dtype)  # bf16 on CUDA, plain fp32 on CPU
     torch.manual_seed(tc.seed)  # same seed on every rank: identical initial weights
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # ----------------------------------------------------------------------------- data
-    # A memory-mapped token array per split; a resumed run takes its architecture from the
-    # checkpoint, so the data must have the checkpoint's vocabulary.
+    # The corpus as one memory-mapped token array per split. A resumed run takes its model
+    # config from the checkpoint (not the command line), so the data must have its vocabulary.
     data = load_data(cfg.data, rank=rank, world=world)
     resume = load_checkpoint(cfg.load_checkpoint) if cfg.load_checkpoint else None
     if resume is not None:
@@ -62,6 +63,7 @@ def train(cfg: TrainRunConfig) -> dict:
     model = EBT(cfg.model.resolved(data.vocab_size, T)).to(device)
     torch.manual_seed(tc.seed + rank)  # from here on: per-rank noise, dropout, random K
     random.seed(tc.seed + rank)
+    # AdamW with weight decay on matrices only; the step size alpha gets its own learning rate
     groups = model.optim_groups(tc.weight_decay, tc.learning_rate, model.cfg.think_lr_lr_multiplier)
     opt = torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2),
                             fused=device.startswith("cuda"))
@@ -71,15 +73,17 @@ def train(cfg: TrainRunConfig) -> dict:
     data_gen = torch.Generator().manual_seed(tc.seed)
 
     # ---------------------------------------------------------------------------- resume
-    # Weights, AdamW moments, every random stream and the shaping state: the losses continue
-    # exactly. The sampler's record (one segment per start or resume) replays every window.
+    # Weights, AdamW moments, every random stream and the shaping state come back, so the
+    # losses continue exactly. The sampler's record gets a segment per start or resume:
+    # replaying it gives every window the run trained on (nanoebm/coverage.py).
     step = restore_training(resume, model, opt, data_gen, shaping, rank, device) if resume else 0
     sampler = continue_record(resume.get("sampler"), step) if resume is not None else []
     if sampler is not None:
         sampler.append(new_segment(data_gen, step, accum, world * B, len(data.train) - T - 1, T))
     if tc.compile:  # only the context stream: torch.compile has no double backward
         model.context = torch.compile(model.context)
-    # fixed val batches: every eval (and every k of the thinking curve) sees the same windows
+    # Fixed val batches: every evaluation, and every k of its thinking curve, sees the same
+    # windows, so differences between evaluations are the model's, not the sample's.
     eval_gen = torch.Generator().manual_seed(tc.seed + 12345)
     val_batches = [data.get_batch("val", B, T, eval_gen, device) for _ in range(tc.eval_iters)]
     run_dir, log = start_run(cfg, model, data, step, device, dtype, world) if master else (None, None)
@@ -88,8 +92,8 @@ def train(cfg: TrainRunConfig) -> dict:
     clock, start_step, last_eval = Clock(), step, {}
     try:
         while True:
-            # Evaluate on the fixed val windows every eval_interval steps and at the end; the
-            # clock is paused, so elapsed_s and tokens/s count training time only.
+            # Evaluate every eval_interval steps and at the end. The clock is paused, so
+            # elapsed_s and tokens/s count training time only.
             if step % tc.eval_interval == 0 or step == tc.max_steps:
                 elapsed = clock.elapsed()
                 with clock.paused():
@@ -101,13 +105,12 @@ def train(cfg: TrainRunConfig) -> dict:
                 break
 
             # Learning rate: linear warm-up, then cosine decay to min_lr (alpha: x its multiplier).
-            lr = rt.cosine_lr(step, tc.learning_rate, tc.min_lr, tc.warmup_iters,
-                              tc.lr_decay_iters or tc.max_steps) if tc.decay_lr else tc.learning_rate
+            lr = rt.scheduled_lr(step, tc)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_mult"]
 
-            # Forward, think, backward: the backward happens inside (per think step where that
-            # computes the same gradients), so micro-batches just accumulate into .grad.
+            # Forward, think, backward. The backward happens inside forward_backward (step by
+            # step where that gives the same gradients), so micro-batches accumulate in .grad.
             log_now = master and (step % tc.log_interval == 0 or step == tc.max_steps - 1)
             for micro in range(accum):
                 x, y = data.get_batch("train", B, T, data_gen, device, rank, world)
@@ -123,15 +126,16 @@ def train(cfg: TrainRunConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             step += 1
 
-            # Log and checkpoint. loss.item() is the loop's only host sync, so it waits for these.
+            # Log and checkpoint. loss.item() waits for the device: the loop's only host sync,
+            # so it happens only here, and a non-finite loss stops before anything is saved.
             save_now = tc.save_interval > 0 and step % tc.save_interval == 0
             if (log_now or save_now) and not math.isfinite(loss.item()):
                 raise TrainingDiverged(f"loss is {loss.item()} at step {step}")
             if log_now:
-                n_tokens = B * T * accum * world  # per step, all ranks
-                tok_s = n_tokens * (tc.log_interval if step > start_step + 1 else 1) / max(clock.lap(), 1e-9)
+                n_tok = B * T * accum * world  # tokens per step, all ranks
+                tok_s = n_tok * (tc.log_interval if step > start_step + 1 else 1) / max(clock.lap(), 1e-9)
                 row = train_row(step, loss.item(), m, lr, model.alpha.detach().flatten().tolist(),
-                                data.bits_name, tok_s, step * n_tokens, clock.elapsed())
+                                data.bits_name, tok_s, step * n_tok, clock.elapsed())
                 log.write(row)
                 eta = clock.total() / (step - start_step) * (tc.max_steps - step)
                 print(train_line(row, tc.max_steps, data.bits_name, eta))
@@ -144,8 +148,9 @@ def train(cfg: TrainRunConfig) -> dict:
                          "train.grad_clip, and resume from the last ckpt_step_*.pt") from None
 
     # ---------------------------------------------------------------------------- finish
-    final = save(run_dir, "final.pt", step, model, opt, cfg, data.meta, data_gen, shaping, sampler,
-                 world)
+    # out_dir/final.pt always points at the newest finished run (sample.py's default).
+    final = save(run_dir, "final.pt", step, model, opt, cfg, data.meta, data_gen, shaping,
+                 sampler, world)
     if master:
         point_link(Path(cfg.out_dir).expanduser() / "final.pt", final)
         print(f"done: {step} steps in {fmt_time(clock.total())} | wrote {final} "
@@ -172,8 +177,9 @@ def start_run(cfg: TrainRunConfig, model: EBT, data, step: int, device, dtype, w
     """Rank 0: the run folder (config.yaml, metrics.jsonl, W&B) and the opening console line.
     A resumed run's metrics.jsonl starts with the old run's history up to the resume point."""
     run_dir = rt.new_run_dir(cfg.out_dir)
+    # config.yaml records what ran, with the vocabulary and block sizes filled in from the data
     cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
-    cfg_dict["model"] = dataclasses.asdict(model.cfg)  # resolved vocab/block sizes
+    cfg_dict["model"] = dataclasses.asdict(model.cfg)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg_dict))
     if cfg.load_checkpoint:
         carry_metrics(cfg.load_checkpoint, run_dir, step)
@@ -194,6 +200,7 @@ def save(run_dir: Path | None, name: str, step: int, model: EBT, opt, cfg: Train
     if run_dir is None:  # not rank 0
         return None
     path = run_dir / name
+    # plain tensors and Python values only, so it loads with torch.load(weights_only=True)
     atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                  "model_config": dataclasses.asdict(model.cfg),
                  "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "meta": meta,
@@ -204,6 +211,8 @@ def save(run_dir: Path | None, name: str, step: int, model: EBT, opt, cfg: Train
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg) -> None:
+    # Hydra composed configs/train.yaml, the presets and the command line; to_object turns that
+    # into the dataclasses of nanoebm/config.py, which check every value as they are built.
     try:
         train(OmegaConf.to_object(cfg))
     except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
@@ -214,6 +223,7 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    # --key=value and legacy option names are rewritten before Hydra reads sys.argv
     apply_cli_shims()
     register_configs()
     main()

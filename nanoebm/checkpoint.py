@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from nanoebm.config import TrainRunConfig, model_config_from_dict
+from nanoebm.config import LEGACY_ALIASES, ModelConfig, TrainRunConfig
 from nanoebm.model import EBT
 from nanoebm.runtime import set_rng_state
 
@@ -59,6 +59,19 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"checkpoint {path} is not a nanoebm checkpoint (no model/model_config)")
     return ckpt
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """A ModelConfig from a checkpoint's dict: renamed options map onto their current names
+    and options this version no longer has are dropped, so old checkpoints load."""
+    d = dict(d)
+    for key in list(d):
+        new, inverted = LEGACY_ALIASES.get(f"model.{key}", (None, False))
+        if new is not None:
+            value = d.pop(key)
+            d.setdefault(new.split(".", 1)[1], (not value) if inverted else value)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in d.items() if k in names})
 
 
 def clean_state_dict(sd: dict) -> dict:

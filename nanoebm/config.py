@@ -9,9 +9,22 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional
+
+
+def _check(rules: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first (ok, message) rule that fails, as a ValueError."""
+    for ok, msg in rules:
+        if not ok:
+            raise ValueError(msg)
+
+
+def _choices(cfg, prefix: str, allowed: dict) -> list[tuple[bool, str]]:
+    """Rules for _check: each named option holds one of its allowed values."""
+    return [(getattr(cfg, n) in ok, f"{prefix}{n}={getattr(cfg, n)!r}: choose one of {', '.join(ok)}")
+            for n, ok in allowed.items()]
 
 
 @dataclass
@@ -72,13 +85,11 @@ class ModelConfig:
     def __post_init__(self):
         """Every model option is checked here, once: a bad value fails when the config is built
         (on the command line, from a checkpoint, or in code), with a line naming the fix."""
-        choices = {"think_init": ("s1", "noise", "zeros"), "think_grad": ("probs", "logits", "hybrid"),
-                   "contrastive_type": ("cd", "pcd", "fast_pcd"), "think_loss": ("mean", "last", "linear")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}: choose one of {allowed}")
-        _check([
-            (self.n_embd % self.n_head == 0 and self.n_embd // self.n_head % 2 == 0,
+        _check(_choices(self, "model.", {"think_init": ("s1", "noise", "zeros"),
+                                         "think_grad": ("probs", "logits", "hybrid"),
+                                         "contrastive_type": ("cd", "pcd", "fast_pcd"),
+                                         "think_loss": ("mean", "last", "linear")}) + [
+            (self.n_head > 0 and self.n_embd % self.n_head == 0 and self.n_embd // self.n_head % 2 == 0,
              f"model.n_embd={self.n_embd} must be a multiple of model.n_head={self.n_head} with an "
              "even head size (RoPE rotates pairs)"),
             (self.think_steps >= 0 and self.think_steps_random >= 0,
@@ -128,10 +139,10 @@ class DataConfig:
     batch_size: int = 64
 
     def __post_init__(self):
-        if self.tokenizer not in ("char", "gpt2"):
-            raise ValueError(f"data.tokenizer={self.tokenizer!r}: use char or gpt2 (BPE; pick the "
-                             "tiktoken vocabulary with data.bpe_encoding)")
-        _check([(self.val_fraction is None or 0 < self.val_fraction < 1,
+        _check([(self.tokenizer in ("char", "gpt2"),
+                 f"data.tokenizer={self.tokenizer!r}: use char or gpt2 (BPE; pick the tiktoken "
+                 "vocabulary with data.bpe_encoding)"),
+                (self.val_fraction is None or 0 < self.val_fraction < 1,
                  f"data.val_fraction must be in (0, 1), got {self.val_fraction}"),
                 (self.max_shards is None or self.max_shards >= 1,
                  f"data.max_shards={self.max_shards}: use a positive count or null")])
@@ -171,9 +182,9 @@ class TrainRunConfig:
     wandb_name: Optional[str] = None
 
     def __post_init__(self):
-        if self.model.block_size and self.model.block_size < self.data.block_size:
-            raise ValueError(f"model.block_size={self.model.block_size} < data.block_size="
-                             f"{self.data.block_size}: raise it or leave it at 0")
+        _check([(not self.model.block_size or self.model.block_size >= self.data.block_size,
+                 f"model.block_size={self.model.block_size} < data.block_size="
+                 f"{self.data.block_size}: raise it or leave it at 0")])
 
 
 @dataclass
@@ -263,20 +274,16 @@ class VizConfig:
     device: str = "auto"         # auto (cuda > mps > cpu) | cuda | mps | cpu
 
     def __post_init__(self):
-        choices = {"mode": VIZ_MODES, "writer": ("auto", "gif", "mp4"), "split": ("train", "val"),
-                   "traj_space": ("logits", "probs")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         min_steps = 0 if self.mode in ("topk", "eval") else 1
-        if self.steps < min_steps:
-            raise ValueError(f"steps={self.steps}: mode={self.mode} needs steps >= {min_steps}")
-        for name in ("topk", "topk_think", "multi_trajectories", "tokens", "batch_size",
-                     "eval_iters", "dpi"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.grid < 3 or self.span <= 0:
-            raise ValueError(f"grid={self.grid}, span={self.span}: need grid >= 3 and span > 0")
+        counts = ("topk", "topk_think", "multi_trajectories", "tokens", "batch_size", "eval_iters",
+                  "dpi")
+        _check(_choices(self, "", {"mode": VIZ_MODES, "writer": ("auto", "gif", "mp4"),
+                                   "split": ("train", "val"), "traj_space": ("logits", "probs")})
+               + [(self.steps >= min_steps,
+                   f"steps={self.steps}: mode={self.mode} needs steps >= {min_steps}")]
+               + [(getattr(self, n) >= 1, f"{n}={getattr(self, n)} must be >= 1") for n in counts]
+               + [(self.grid >= 3 and self.span > 0,
+                   f"grid={self.grid}, span={self.span}: need grid >= 3 and span > 0")])
 
 
 VIZ_MODES = ("topk", "gap", "gap_multi", "bowl_panels", "bowl_anim", "traj", "surface3d",
@@ -304,10 +311,8 @@ class BenchConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# command-line shims
-
-# legacy spelling -> (canonical key, inverted?): names from earlier versions and from the
-# reference code's scripts, still accepted with a one-line note.
+# command-line shims. LEGACY_ALIASES: legacy spelling -> (canonical key, inverted?), names from
+# earlier versions and from the reference code's scripts, still accepted with a one-line note.
 LEGACY_ALIASES = {
     "model.mcmc_num_steps": ("model.think_steps", False),
     "model.refine_steps": ("model.think_steps", False),
@@ -367,12 +372,10 @@ def rewrite_argv(argv: list[str], verbatim: tuple[str, ...] = ()) -> tuple[list[
 def check_presets(argv: list[str], config_dir: Path) -> None:
     """`experiment=NAME` (any config group: experiment, data, suite) must name a file in
     configs/<group>/: a one-line error listing the presets, instead of Hydra's screenful."""
-    for arg in argv:
-        group, eq, name = arg.partition("=")
+    for group, eq, name in (arg.partition("=") for arg in argv):
         folder = config_dir / group.lstrip("+")
-        if not eq or "." in group or not folder.is_dir() or name == "null":
-            continue
-        if not (folder / f"{name}.yaml").is_file():
+        if eq and "." not in group and folder.is_dir() and name != "null" \
+                and not (folder / f"{name}.yaml").is_file():
             names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
             raise SystemExit(f"error: {group}={name}: no such preset in configs/{folder.name}/; "
                              f"choose one of {names}")
@@ -387,31 +390,10 @@ def apply_cli_shims(verbatim: tuple[str, ...] = ()) -> None:
         print(n)
 
 
-def model_config_from_dict(d: dict) -> ModelConfig:
-    """A ModelConfig from a checkpoint's dict: renamed options map onto their current names
-    and options this version no longer has are dropped, so old checkpoints load."""
-    d = dict(d)
-    for key in list(d):
-        new, inverted = LEGACY_ALIASES.get(f"model.{key}", (None, False))
-        if new is not None:
-            value = d.pop(key)
-            d.setdefault(new.split(".", 1)[1], (not value) if inverted else value)
-    names = {f.name for f in fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in d.items() if k in names})
-
-
-def _check(rules: list[tuple[bool, str]]) -> None:
-    for ok, msg in rules:
-        if not ok:
-            raise ValueError(msg)
-
-
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (only entry scripts and tests call this)."""
     from hydra.core.config_store import ConfigStore
-    cs = ConfigStore.instance()
-    cs.store(name="base_train", node=TrainRunConfig)
-    cs.store(name="base_compare", node=CompareConfig)
-    cs.store(name="base_sample", node=SampleConfig)
-    cs.store(name="base_viz", node=VizConfig)
-    cs.store(name="base_bench", node=BenchConfig)
+    for name, node in (("base_train", TrainRunConfig), ("base_compare", CompareConfig),
+                       ("base_sample", SampleConfig), ("base_viz", VizConfig),
+                       ("base_bench", BenchConfig)):
+        ConfigStore.instance().store(name=name, node=node)

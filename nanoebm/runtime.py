@@ -154,6 +154,14 @@ def _read(p: Path) -> str:
         return ""
 
 
+def scheduled_lr(step: int, tc) -> float:
+    """train.learning_rate at this step (tc: TrainConfig): cosine_lr when decay_lr, else flat."""
+    if not tc.decay_lr:
+        return tc.learning_rate
+    return cosine_lr(step, tc.learning_rate, tc.min_lr, tc.warmup_iters,
+                     tc.lr_decay_iters or tc.max_steps)
+
+
 def cosine_lr(step: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:
     """Linear warmup to lr, then cosine down to min_lr at decay_iters, then flat."""
     if step < warmup:

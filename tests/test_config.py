@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
+from nanoebm.checkpoint import model_config_from_dict
 from nanoebm.config import (DataConfig, ModelConfig, SampleConfig, TrainRunConfig, VizConfig,
-                            check_presets, model_config_from_dict)
+                            check_presets)
 from tests.conftest import REPO, compose
 
 
