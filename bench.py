@@ -19,7 +19,6 @@ import os
 import platform
 import statistics
 import time
-import weakref
 
 import hydra
 import torch
@@ -30,55 +29,15 @@ from nanoebm import runtime as rt
 from nanoebm.config import BenchConfig, apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.generate import generate
-from nanoebm.losses import ebt_loss
+from nanoebm.losses import forward_backward
+from nanoebm.memory import SavedBytes
+from nanoebm.model import EBT
 from nanoebm.think import initial_logits, think
-from train import build_model
 
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-class SavedBytes:
-    """Peak bytes of the storages autograd holds for backward, each storage counted once (views
-    and repeated saves share one) and parameters left out (state_bytes counts them). CPU has no
-    allocator statistics; these activations are what grows with think_steps."""
-
-    def __init__(self, params):
-        self.skip = {p.untyped_storage().data_ptr() for p in params}
-        self.live = {}  # storage pointer -> [bytes, number of saved tensors using it]
-        self.now = self.peak = 0
-
-    def pack(self, t):
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if key not in self.skip:
-            if key not in self.live:
-                self.live[key] = [st.nbytes(), 0]
-                self.now += st.nbytes()
-                self.peak = max(self.peak, self.now)
-            self.live[key][1] += 1
-        holder = _Holder(t)
-        if key not in self.skip:
-            weakref.finalize(holder, self._free, key)  # runs when autograd drops the tensor
-        return holder
-
-    @staticmethod
-    def unpack(h):
-        return h.t
-
-    def _free(self, key):
-        rec = self.live[key]
-        rec[1] -= 1
-        if rec[1] == 0:
-            self.now -= rec[0]
-            del self.live[key]
-
-
-class _Holder:
-    def __init__(self, t):
-        self.t = t
 
 
 def state_bytes(model, opt) -> int:
@@ -95,7 +54,7 @@ class Variant:
     def __init__(self, name, cfg, data, device, autocast, compile_ctx: bool):
         self.name, self.device, self.autocast = name, device, autocast
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, data.vocab_size).to(device).train()
+        self.model = EBT(cfg.model.resolved(data.vocab_size, cfg.data.block_size)).to(device).train()
         if compile_ctx:
             self.model.context = torch.compile(self.model.context)
         groups = self.model.optim_groups(0.1, 1e-4, self.model.cfg.think_lr_lr_multiplier)
@@ -107,7 +66,7 @@ class Variant:
 
     def step(self):
         with self.autocast:
-            loss, _ = ebt_loss(self.model, self.x, self.y, backward_scale=1.0)
+            loss, _ = forward_backward(self.model, self.x, self.y)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -154,9 +113,8 @@ def matmul_peak(device: str, dtype: torch.dtype) -> float:
 
 def gen_speed(cfg: BenchConfig, data, device, autocast) -> dict:
     """Tokens/s generating gen_tokens after a prompt that fills the rest of gen_block_size."""
-    gcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, block_size=cfg.gen_block_size))
     torch.manual_seed(cfg.seed)
-    model = build_model(gcfg, data.vocab_size).to(device).eval()
+    model = EBT(cfg.model.resolved(data.vocab_size, cfg.gen_block_size)).to(device).eval()
     prompt_len = cfg.gen_block_size - cfg.gen_tokens
     full = data.get_batch("val", 1, cfg.gen_block_size, torch.Generator().manual_seed(0), device)[0]
     idx = full[:, :prompt_len]  # (1, prompt_len)
@@ -260,8 +218,8 @@ def print_table(r: dict) -> None:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="bench")
 def main(cfg) -> None:
-    bc: BenchConfig = OmegaConf.to_object(cfg)
     try:
+        bc: BenchConfig = OmegaConf.to_object(cfg)
         res = run(bc)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

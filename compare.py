@@ -13,14 +13,18 @@ finished runs without retraining them, and results/<suite>.json keeps runs from 
 (e.g. a second seed added later), replacing only the (name, seed) pairs run again.
 
 A suite (configs/suite/*.yaml) is a base list of train.py overrides plus named runs, each its
-own override list; anything train.py accepts works there.
+own override list; anything train.py accepts works there: each run is `python train.py` with its
+overrides, in a process of its own.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -29,23 +33,32 @@ import hydra
 from omegaconf import OmegaConf
 
 from nanoebm import tasks
-from nanoebm.config import CompareConfig, apply_cli_shims, register_configs
+from nanoebm.config import CompareConfig, apply_cli_shims, register_configs, rewrite_argv
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+REPO = Path(__file__).resolve().parent
 
 
 def compose_train(overrides: list[str]):
+    """The config train.py builds from these overrides (legacy names included)."""
     from hydra import compose, initialize_config_dir
     register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        return OmegaConf.to_object(compose(config_name="train", overrides=overrides))
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
+        return OmegaConf.to_object(compose(config_name="train", overrides=rewrite_argv(overrides)[0]))
+
+
+def train_run(overrides: list[str], threads: int) -> None:
+    """Train one run the way a user would: `python train.py OVERRIDES`, with `threads` threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"train.py {' '.join(overrides)} failed with exit code {r.returncode}")
 
 
 def run_one(job: dict) -> dict:
     """Train one run (in a worker process) unless it already finished, then score it. The
     record is also written to <run folder>/record.json, so an interrupted suite resumes."""
     import torch
-    torch.set_num_threads(job["threads"])
+    torch.set_num_threads(job["threads"])  # for the scoring; training gets OMP_NUM_THREADS
     root = Path(job["out_dir"])
     rec_path = root / "record.json"
     if rec_path.exists():  # scored before with the same overrides: reuse it
@@ -53,8 +66,7 @@ def run_one(job: dict) -> dict:
         if rec["overrides"] == job["overrides"] and rec.get("eval_key") == eval_key(job):
             return rec
     if not (root / "final.pt").exists():  # finished runs (final.pt written) are not retrained
-        from train import train
-        train(compose_train(job["overrides"]))
+        train_run(job["overrides"], job["threads"])
     rec = score(job, (root / "final.pt").resolve().parent)
     tmp = rec_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(rec, indent=1))
@@ -64,7 +76,7 @@ def run_one(job: dict) -> dict:
 
 def eval_key(job: dict) -> list:
     return [job["eval_seed"], job["eval_iters"], sorted(job["eval_steps"]), job["n_candidates"],
-            job["bon_noise"], "train_curve"]
+            job["think_noise"], "train_curve"]
 
 
 def score(job: dict, run_dir: Path) -> dict:
@@ -82,7 +94,7 @@ def score(job: dict, run_dir: Path) -> dict:
     g = torch.Generator().manual_seed(job["eval_seed"])
     B, T = cfg.data.batch_size, cfg.data.block_size
     batches = [data.get_batch("val", B, T, g) for _ in range(job["eval_iters"])]
-    trained_k = model.cfg.think_steps + model.cfg.think_steps_random
+    trained_k = model.cfg.eval_think_steps
     ks = sorted(set(job["eval_steps"]) | {trained_k}) if trained_k else [0]
     curve = thinking_curve(model, batches, max(ks), seed=job["eval_seed"])
     # the same curve on fixed *training* windows: does thinking fit what it was trained on?
@@ -99,13 +111,13 @@ def score(job: dict, run_dir: Path) -> dict:
            "train_loss_k": {k: train_curve["loss_k"][k] for k in ks}}
     if trained_k and job["n_candidates"] > 1:
         rec["val_loss_bon"] = best_of_n_loss(model, batches, trained_k, job["n_candidates"],
-                                             job["bon_noise"], seed=job["eval_seed"])
+                                             job["think_noise"], seed=job["eval_seed"])
     if tasks.task_name(cfg.data.data_path):  # structured task: determined positions, OOD split
         from nanoebm.config import EvalConfig
         from nanoebm.scorecard import score_checkpoint
         ev = score_checkpoint(EvalConfig(checkpoint=str(run_dir / "final.pt"), sets=["val"],
                                          windows=job["eval_iters"] * B, bon=job["n_candidates"],
-                                         bon_noise=job["bon_noise"], seed=job["eval_seed"]))
+                                         think_noise=job["think_noise"], seed=job["eval_seed"]))
         rec["task"] = ev["task"]
     tok_s = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # skip warm-up row
     rec["tokens_per_s"] = statistics.median(tok_s) if tok_s else None
@@ -248,7 +260,7 @@ def shift_eval(cc: CompareConfig, records: list[dict], out: Path, name: str) -> 
             continue
         ec = EvalConfig(checkpoint=str(Path(r["run_dir"]) / "final.pt"), sets=list(cc.eval_sets),
                         baseline=str(Path(base[r["seed"]]) / "final.pt") if r["seed"] in base else None,
-                        windows=cc.eval_windows, bon=cc.n_candidates, bon_noise=cc.bon_noise,
+                        windows=cc.eval_windows, bon=cc.n_candidates, think_noise=cc.think_noise,
                         seed=cc.eval_seed, diagnose=cc.diagnose)
         key = json.dumps(dataclasses.asdict(ec), sort_keys=True)
         cache = Path(r["run_dir"]) / "shift_eval.json"
@@ -273,7 +285,10 @@ def shift_eval(cc: CompareConfig, records: list[dict], out: Path, name: str) -> 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="compare")
 def main(cfg) -> None:
-    cc: CompareConfig = OmegaConf.to_object(cfg)
+    try:
+        cc: CompareConfig = OmegaConf.to_object(cfg)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     names = [n for n in cc.runs if not cc.only or n in cc.only]
     if cc.only and set(cc.only) - set(cc.runs):
         raise SystemExit(f"error: only= names not in suite {cc.suite}: {sorted(set(cc.only) - set(cc.runs))}")
@@ -287,7 +302,7 @@ def main(cfg) -> None:
              "overrides": [*cc.scales[cc.scale], *cc.base, *cc.runs[n], f"train.seed={s}",
                            f"out_dir={run_dir(n, s)}"],
              "eval_seed": cc.eval_seed, "eval_iters": cc.eval_iters, "eval_steps": list(cc.eval_steps),
-             "n_candidates": cc.n_candidates, "bon_noise": cc.bon_noise}
+             "n_candidates": cc.n_candidates, "think_noise": cc.think_noise}
             for s in cc.seeds for n in names]
     with ProcessPoolExecutor(max_workers=cc.jobs, mp_context=get_context("spawn")) as ex:
         records = list(ex.map(run_one, jobs))

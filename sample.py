@@ -20,22 +20,6 @@ from nanoebm.config import SampleConfig, apply_cli_shims, register_configs
 from nanoebm.generate import encode_prompt, generate, resolve_tokenizer
 
 
-def check_options(cfg: SampleConfig) -> None:
-    """Bad values fail before the checkpoint is even loaded."""
-    rules = [(cfg.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
-             (cfg.num_samples >= 1, "num_samples must be >= 1"),
-             (cfg.n_candidates >= 1, "n_candidates must be >= 1"),
-             (cfg.think_steps is None or cfg.think_steps >= 0, "think_steps must be >= 0"),
-             (cfg.think_lr is None or cfg.think_lr > 0, "think_lr must be > 0"),
-             (cfg.think_noise >= 0, "think_noise must be >= 0"),
-             (cfg.topk is None or cfg.topk >= 0, "topk must be >= 0 (0 = off)"),
-             (cfg.sample_top_p is None or 0 < cfg.sample_top_p <= 1, "sample_top_p must be in (0, 1]"),
-             (not cfg.sample or cfg.sample_temp > 0, "sample_temp must be > 0 (for argmax use sample=false)")]
-    for ok, msg in rules:
-        if not ok:
-            raise ValueError(msg)
-
-
 class Printer:
     """Streams tokens as they come. Decodes the whole continuation each time and prints the new
     suffix, holding back a trailing partial UTF-8 character (BPE tokens can split one)."""
@@ -53,7 +37,6 @@ class Printer:
 
 def sample(cfg: SampleConfig) -> list[dict]:
     """Load, encode the prompt, generate num_samples continuations; print and return them."""
-    check_options(cfg)
     path = cfg.checkpoint or latest_checkpoint(cfg.out_dir)
     ckpt = load_checkpoint(path)
     try:
@@ -70,8 +53,8 @@ def sample(cfg: SampleConfig) -> list[dict]:
     if len(ids) > mc.block_size:
         print(f"note: prompt is {len(ids)} tokens; the model sees its last {mc.block_size}")
 
-    K = mc.think_steps + mc.think_steps_random if cfg.think_steps is None else cfg.think_steps
-    thinking = cfg.use_thinking and K > 0
+    K = mc.eval_think_steps if cfg.think_steps is None else cfg.think_steps
+    thinking = cfg.use_thinking and K > 0 and model.has_energy  # a baseline has no energy
     if cfg.n_candidates > 1:
         if not thinking:
             raise ValueError("n_candidates > 1 picks among thinking chains: it needs "
@@ -85,7 +68,8 @@ def sample(cfg: SampleConfig) -> list[dict]:
                 f"{cfg.think_noise:g}{', best of %d' % cfg.n_candidates if cfg.n_candidates > 1 else ''}"
                 f"{', accept_lower_energy' if cfg.accept_lower_energy else ''})")
     elif model.has_s1:
-        mode = "System 1 logits, no thinking" + (" (trained with think_steps=0)" if cfg.use_thinking else "")
+        mode = "System 1 logits, no thinking" + ("" if model.has_energy else
+                                                 " (a plain transformer: trained with think_steps=0)")
     else:
         mode = (f"no thinking: this model has no System-1 head, so the candidate is the "
                 f"{mc.think_init}-initialised z_0 with zero steps (expect noise, not text)")

@@ -38,8 +38,6 @@ from nanoebm.evaluate import thinking_curve
 from nanoebm.runtime import pick_device
 from nanoebm.tokenizer import tokenizer_from_meta
 
-MODES = ("topk", "gap", "gap_multi", "bowl_panels", "bowl_anim", "traj", "surface3d",
-         "surface_anim", "margin", "eval", "per_token")
 FULL_SCAN_VOCAB = 4096  # topk: above this vocabulary, rank the 1024 most probable tokens only
 
 
@@ -53,6 +51,9 @@ class Viz:
         self.ckpt = load_checkpoint(path)
         self.ckpt_path = str(path)
         self.model = model_from_checkpoint(self.ckpt, self.device).eval()
+        if not self.model.has_energy and not (cfg.mode == "eval" and cfg.steps == 0):
+            raise ValueError(f"{path} is a plain transformer (model.think_steps=0): it has no "
+                             "energy landscape to draw (mode=eval steps=0 scores it)")
         self.tok = tokenizer_from_meta(self.ckpt["meta"])
         self.tau = self.model.cfg.softmax_temperature
         self.out = Path(cfg.out_dir).expanduser()
@@ -222,7 +223,7 @@ def mode_eval(v: Viz) -> dict:
     batches, bits_name = v.batches(cfg.eval_iters)
     curve = thinking_curve(v.model, batches, cfg.steps, seed=cfg.seed)
     loss_k, s1 = curve["loss_k"], curve.get("loss_s1")
-    trained_k = v.model.cfg.think_steps + v.model.cfg.think_steps_random
+    trained_k = v.model.cfg.eval_think_steps
     v.save(P.eval_figure(loss_k, s1, bits_name, trained_k, cfg.dpi), "eval.png")
     res = {"checkpoint": v.ckpt_path, "split": cfg.split, "batches": cfg.eval_iters,
            "batch_size": cfg.batch_size, "block_size": batches[0][0].shape[1],
@@ -270,42 +271,25 @@ DISPATCH = {"topk": mode_topk, "gap": mode_gap, "gap_multi": mode_gap_multi,
             "eval": mode_eval, "per_token": mode_per_token}
 
 
-def check(cfg: VizConfig) -> None:
-    """Reject bad options with one line naming the option and the fix."""
-    choices = {"mode": MODES, "writer": ("auto", "gif", "mp4"), "split": ("train", "val"),
-               "traj_space": ("logits", "probs")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name}={getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    min_steps = 0 if cfg.mode in ("topk", "eval") else 1
-    if cfg.steps < min_steps:
-        raise ValueError(f"steps={cfg.steps}: mode={cfg.mode} needs steps >= {min_steps}")
-    for name in ("topk", "topk_think", "multi_trajectories", "tokens", "batch_size",
-                 "eval_iters", "dpi"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
-    if cfg.grid < 3 or cfg.span <= 0:
-        raise ValueError(f"grid={cfg.grid}, span={cfg.span}: need grid >= 3 and span > 0")
-
-
 def run(cfg: VizConfig) -> dict:
     """Run one mode; returns its plotted numbers plus "files" (every path written)."""
-    check(cfg)
     v = Viz(cfg)
     res = DISPATCH[cfg.mode](v)
     return {**res, "files": v.files}
 
 
-def run_cli(cfg: VizConfig) -> dict:
+def run_cli(cfg) -> dict:
+    """run() with bad input (an option, a checkpoint, a prompt) as one `error:` line; cfg is a
+    VizConfig or Hydra's config, whose options are checked as it becomes one."""
     try:
-        return run(cfg)
+        return run(cfg if isinstance(cfg, VizConfig) else OmegaConf.to_object(cfg))
     except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
         raise SystemExit(f"error: {e}") from None
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="viz")
 def main(cfg) -> None:
-    run_cli(OmegaConf.to_object(cfg))
+    run_cli(cfg)
 
 
 if __name__ == "__main__":

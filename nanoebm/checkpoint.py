@@ -6,13 +6,15 @@ with torch.load(weights_only=True) on any recent PyTorch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
 import torch
 
-from nanoebm.config import ModelConfig
+from nanoebm.config import LEGACY_ALIASES, ModelConfig, TrainRunConfig
 from nanoebm.model import EBT
+from nanoebm.runtime import set_rng_state
 
 
 def atomic_save(obj, path: str | Path) -> None:
@@ -60,7 +62,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
-    """Build a ModelConfig, ignoring keys this version no longer has (old checkpoints load)."""
+    """A ModelConfig from a checkpoint's dict: renamed options map onto their current names
+    and options this version no longer has are dropped, so old checkpoints load."""
+    d = dict(d)
+    for key in list(d):
+        new, inverted = LEGACY_ALIASES.get(f"model.{key}", (None, False))
+        if new is not None:
+            value = d.pop(key)
+            d.setdefault(new.split(".", 1)[1], (not value) if inverted else value)
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in d.items() if k in names})
 
@@ -75,10 +84,73 @@ def clean_state_dict(sd: dict) -> dict:
     return out
 
 
+def fit_state_dict(sd: dict, model: EBT) -> dict:
+    """The checkpoint's weights as `model` expects them. A baseline (think_steps=0) saved before
+    the plain transformer dropped its unused candidate stream still carries those tensors."""
+    sd = clean_state_dict(sd)
+    if model.has_energy:
+        return sd
+    keep = model.state_dict()
+    return {k: v for k, v in sd.items() if k in keep}
+
+
+def fit_optimizer_state(opt_sd: dict, model_sd: dict, model: EBT) -> dict:
+    """The optimizer state to go with fit_state_dict. AdamW numbers parameters in the order of
+    EBT.optim_groups (matrices, then vectors, then alpha), so the saved weights name each one."""
+    model_sd = clean_state_dict(model_sd)
+    if model.has_energy or set(model_sd) <= set(model.state_dict()):
+        return opt_sd
+    keep = dict(model.named_parameters())
+    names = [k for k in model_sd if k != "alpha"]
+    order = [k for k in names if model_sd[k].dim() >= 2] + [k for k in names if model_sd[k].dim() < 2]
+    order.append("alpha")
+    state, groups, n = {}, [], 0
+    for g in opt_sd["param_groups"]:
+        kept = [i for i in g["params"] if order[i] in keep]
+        if not kept:  # alpha's group: the baseline has no alpha to train
+            continue
+        ids = list(range(n, n + len(kept)))
+        state.update({j: opt_sd["state"][i] for j, i in zip(ids, kept) if i in opt_sd["state"]})
+        groups.append({**g, "params": ids})
+        n += len(kept)
+    return {"state": state, "param_groups": groups}
+
+
 def model_from_checkpoint(ckpt: dict, device="cpu") -> EBT:
     model = EBT(model_config_from_dict(ckpt["model_config"]))
-    model.load_state_dict(clean_state_dict(ckpt["model"]))
+    model.load_state_dict(fit_state_dict(ckpt["model"], model))
     return model.to(device)
+
+
+# ------------------------------------------------------------------------ resuming training
+def resume_config(cfg: TrainRunConfig, ckpt: dict, data_meta: dict) -> TrainRunConfig:
+    """The run's config with the checkpoint's architecture (not the command line's), once the
+    data is known to have the checkpoint's vocabulary."""
+    cfg = dataclasses.replace(cfg, model=model_config_from_dict(ckpt["model_config"]))
+    vocab_id = lambda m: (m.get("tokenizer"), m.get("sha256") or m.get("chars"))  # noqa: E731
+    if vocab_id(ckpt["meta"]) != vocab_id(data_meta):  # same vocabulary, however named
+        raise ValueError(f"{cfg.load_checkpoint} was trained on a different vocabulary than "
+                         f"{cfg.data.data_path}: resume with the same data.* settings")
+    return cfg
+
+
+def restore_training(ckpt: dict, model: EBT, opt, data_gen, shaping, rank: int, device) -> int:
+    """Load weights, AdamW moments, this rank's random streams and energy-shaping state (a
+    checkpoint saved by more ranks than now: the last one's). Returns the step to go on from."""
+    model.load_state_dict(fit_state_dict(ckpt["model"], model))
+    opt.load_state_dict(fit_optimizer_state(ckpt["optimizer"], ckpt["model"], model))
+    set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)], data_gen)
+    if "shaping" in ckpt:
+        shaping.load_state_dict(ckpt["shaping"][min(rank, len(ckpt["shaping"]) - 1)], device)
+    return ckpt["step"]
+
+
+def carry_metrics(ckpt_path: str | Path, run_dir: Path, step: int) -> None:
+    """Start the resumed run's metrics.jsonl with the old run's rows up to the resume point."""
+    src = Path(ckpt_path).expanduser().resolve().parent / "metrics.jsonl"
+    if src.exists():
+        rows = [r for r in src.read_text().splitlines() if json.loads(r).get("step", 0) <= step]
+        (run_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path:

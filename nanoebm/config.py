@@ -1,20 +1,35 @@
 """Typed config schema for every entry script, plus the command-line shims.
 
-The dataclasses are the single source of truth for option names and defaults; YAML files in
-configs/ only hold presets. Hydra is imported lazily (in register_configs) so the library itself
-never needs it: code receives plain dataclass instances.
+The dataclasses are the single source of truth for option names, defaults and valid values:
+each checks its own options in __post_init__, so a bad value fails with one line naming the fix
+wherever the config is built. YAML files in configs/ only hold presets. Hydra is imported lazily
+(in register_configs) so the library itself never needs it: code receives plain dataclasses.
 """
 from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Dict, List, Optional
+
+
+def _check(rules: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first (ok, message) rule that fails, as a ValueError."""
+    for ok, msg in rules:
+        if not ok:
+            raise ValueError(msg)
+
+
+def _choices(cfg, prefix: str, allowed: dict) -> list[tuple[bool, str]]:
+    """Rules for _check: each named option holds one of its allowed values."""
+    return [(getattr(cfg, n) in ok, f"{prefix}{n}={getattr(cfg, n)!r}: choose one of {', '.join(ok)}")
+            for n, ok in allowed.items()]
 
 
 @dataclass
 class ModelConfig:
-    # backbone sizes (vocab_size / block_size = 0: taken from the data)
+    # -- architecture: one stack of Llama-style blocks run as two streams (nanoebm/model.py)
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
@@ -23,46 +38,93 @@ class ModelConfig:
     dropout: float = 0.1
     tie_candidate_embedding: bool = False  # candidate embedding p @ W: W = input embedding
     step_embed: bool = False     # learned per-think-step embedding added to the candidate stream
-    # thinking (SPEC §3)
-    think_steps: int = 2
-    think_init: str = "s1"       # s1 | noise | zeros
-    think_init_std: float = 1.0
+
+    # -- thinking: z <- z - alpha * dJ/d(.) for think_steps steps (nanoebm/think.py)
+    think_steps: int = 2         # K; 0 = the plain transformer baseline (no energy at all)
+    think_init: str = "s1"       # z_0: s1 (System-1 logits) | noise | zeros
+    think_init_std: float = 1.0  # std of the noise start
     think_grad: str = "hybrid"   # probs (reference) | logits (paper) | hybrid: dJ/dp applied to z
-    think_lr: float = 1.0        # alpha
-    think_lr_learnable: bool = True
-    think_lr_lr_multiplier: float = 10.0
+    think_lr: float = 1.0        # alpha, the step size
+    think_lr_learnable: bool = True      # alpha is a parameter (its own AdamW group)
+    think_lr_lr_multiplier: float = 10.0  # alpha's learning rate = train.learning_rate x this
     think_lr_random_scale: float = 2.0   # s: alpha per token ~ U[alpha/s, alpha*s] when training
-    think_steps_random: int = 0  # r: train on K..K+r steps, evaluate on K+r
-    think_max_move: float = 0.0  # clamp |alpha*g| per logit (0 = off)
-    detach_refine: bool = True
-    truncate_refine: bool = False
-    langevin_noise: float = 0.5  # std of noise added to z before each step (training)
-    softmax_temperature: float = 1.0
-    entropy_weight: float = 0.0
-    mixture_stopgrad: bool = False
-    aux_ce_weight: float = 1.0   # weight of CE on the System-1 logits
-    # recipe knobs: what decides whether steps 2+ pay (see README "Does thinking help?")
-    think_loss: str = "mean"     # CE over steps: mean | last | linear (weight k+1 on step k+1)
-    think_improve_weight: float = 0.0  # + w * mean_t relu(CE_{k+1,t} - CE_{k,t}): no step may hurt
+    think_lr_per_step: bool = False      # one alpha per think step (steps past K reuse the last)
+    think_steps_random: int = 0  # r: train on K..K+r steps (drawn per batch), evaluate on K+r
+    think_noise: float = 0.5     # std of the noise added to z before each training step
+    think_max_move: float = 0.0  # clamp |alpha * g| per logit (0 = off)
     think_normalize_grad: bool = False  # g <- g / rms_V(g) per position: alpha = RMS logit move
-    think_lr_per_step: bool = False     # one alpha per think step (steps past K reuse the last)
     think_prox_weight: float = 1.0      # + prox * (z - z_0) per step: converge, don't drift
-    # contrastive energy shaping (SPEC §4)
-    use_contrastive: bool = False
-    contrastive_type: str = "cd"  # cd | pcd | fast_pcd (where the negative chains start)
+    softmax_temperature: float = 1.0     # p = softmax(z / tau)
+    entropy_weight: float = 0.0  # J = sum E - lambda * sum H(p)
+    mixture_stopgrad: bool = False       # the candidate embedding learns from E's value only
+
+    # -- training the think path: which CEs the loss adds up (nanoebm/losses.py)
+    detach_refine: bool = True   # detach z between steps (each step trained from its own start)
+    truncate_refine: bool = False  # the loss (and graph) on the last step only
+    think_loss: str = "mean"     # CE over steps: mean | last | linear (weight k on step k)
+    think_improve_weight: float = 0.0  # + w * mean_t relu(CE_{k+1,t} - CE_{k,t}): no step may hurt
+    aux_ce_weight: float = 1.0   # weight of the CE on the System-1 logits
+
+    # -- energy shaping and replay, training only (nanoebm/shaping.py)
+    use_contrastive: bool = False  # + contrastive_weight * L_cd
+    contrastive_type: str = "cd"  # where negative chains start: cd | pcd | fast_pcd
     contrastive_weight: float = 0.1
     contrastive_k: int = 1       # Langevin steps per negative sample and training step
     contrastive_reg: float = 0.1  # reg*(E_pos^2 + E_neg^2): energies settle near -+1/(2 reg)
-    langevin_step_size: float = 0.01   # z <- z - step * dE/dz + noise_scale * N(0, I)
+    langevin_step_size: float = 0.01   # negatives: z <- z - step * dE/dz + noise_scale * N(0, I)
     langevin_noise_scale: float = 0.005
     n_persistent: int = 100      # pcd: records (window + logits); min(B, n) continued per step
     n_chains: int = 20           # fast_pcd: chains, all continued every step
     restart_prob: float = 0.05   # per selected chain and step: new window, z ~ N(0, init_std^2)
-    buffer_init_std: float = 1.0
+    buffer_init_std: float = 1.0  # std of a new chain's logits
     fast_lr: float = 0.01        # fast_pcd: fast <- fast_decay * fast - fast_lr * grad_neg
     fast_decay: float = 0.95
     replay_buffer_size: int = 0  # records of (window, final logits); 0 = off (reference S2: 192)
     replay_fraction: float = 0.5  # extra rows per batch, as a fraction of the batch size
+
+    def __post_init__(self):
+        """Every model option is checked here, once: a bad value fails when the config is built
+        (on the command line, from a checkpoint, or in code), with a line naming the fix."""
+        _check(_choices(self, "model.", {"think_init": ("s1", "noise", "zeros"),
+                                         "think_grad": ("probs", "logits", "hybrid"),
+                                         "contrastive_type": ("cd", "pcd", "fast_pcd"),
+                                         "think_loss": ("mean", "last", "linear")}) + [
+            (self.n_head > 0 and self.n_embd % self.n_head == 0 and self.n_embd // self.n_head % 2 == 0,
+             f"model.n_embd={self.n_embd} must be a multiple of model.n_head={self.n_head} with an "
+             "even head size (RoPE rotates pairs)"),
+            (self.think_steps >= 0 and self.think_steps_random >= 0,
+             "model.think_steps and model.think_steps_random must be >= 0"),
+            (self.contrastive_k >= 0, "model.contrastive_k must be >= 0"),
+            (self.contrastive_reg >= 0, "model.contrastive_reg must be >= 0"),
+            (self.langevin_step_size >= 0 and self.langevin_noise_scale >= 0,
+             "model.langevin_step_size and model.langevin_noise_scale must be >= 0"),
+            (0 <= self.restart_prob <= 1, "model.restart_prob must be in [0, 1]"),
+            (self.n_persistent >= 1 and self.n_chains >= 1,
+             "model.n_persistent and model.n_chains must be >= 1"),
+            (0 <= self.fast_decay <= 1, "model.fast_decay must be in [0, 1]"),
+            (self.replay_buffer_size >= 0, "model.replay_buffer_size must be >= 0"),
+            (0 < self.replay_fraction <= 1, "model.replay_fraction must be in (0, 1]"),
+            (self.replay_buffer_size == 0 or self.think_steps > 0,
+             "model.replay_buffer_size needs model.think_steps > 0 (replay restarts thinking)"),
+        ])
+
+    @property
+    def eval_think_steps(self) -> int:
+        """Think steps at evaluation and generation: K + r (training draws K..K+r per batch)."""
+        return self.think_steps + self.think_steps_random
+
+    @property
+    def has_energy(self) -> bool:
+        """Whether the model has a candidate stream and energy head at all: the baseline
+        (think_steps=0, no contrastive term) is the plain transformer."""
+        return self.eval_think_steps > 0 or self.use_contrastive
+
+    def resolved(self, vocab_size: int, block_size: int) -> "ModelConfig":
+        """This config with the data-dependent sizes filled in (0 = take them from the data)."""
+        if self.vocab_size not in (0, vocab_size):
+            raise ValueError(f"model.vocab_size={self.vocab_size} but the data has {vocab_size} "
+                             "tokens: drop the override (0 = take it from the data)")
+        return replace(self, vocab_size=vocab_size, block_size=self.block_size or block_size)
 
 
 @dataclass
@@ -75,6 +137,15 @@ class DataConfig:
     cache_dir: Optional[str] = None
     block_size: int = 256
     batch_size: int = 64
+
+    def __post_init__(self):
+        _check([(self.tokenizer in ("char", "gpt2"),
+                 f"data.tokenizer={self.tokenizer!r}: use char or gpt2 (BPE; pick the tiktoken "
+                 "vocabulary with data.bpe_encoding)"),
+                (self.val_fraction is None or 0 < self.val_fraction < 1,
+                 f"data.val_fraction must be in (0, 1), got {self.val_fraction}"),
+                (self.max_shards is None or self.max_shards >= 1,
+                 f"data.max_shards={self.max_shards}: use a positive count or null")])
 
 
 @dataclass
@@ -110,6 +181,11 @@ class TrainRunConfig:
     wandb_project: Optional[str] = None
     wandb_name: Optional[str] = None
 
+    def __post_init__(self):
+        _check([(not self.model.block_size or self.model.block_size >= self.data.block_size,
+                 f"model.block_size={self.model.block_size} < data.block_size="
+                 f"{self.data.block_size}: raise it or leave it at 0")])
+
 
 @dataclass
 class SampleConfig:
@@ -119,14 +195,14 @@ class SampleConfig:
     strict_prompt: bool = True           # false: drop characters the char vocabulary lacks
     max_new_tokens: int = 200
     num_samples: int = 1
-    # thinking (SPEC §3); None = what the checkpoint was trained with
+    # -- thinking; None = what the checkpoint was trained with
     use_thinking: bool = True            # false: System-1 logits (no S1 head: the z_0 candidate)
-    think_steps: Optional[int] = None    # None = model.think_steps + model.think_steps_random
+    think_steps: Optional[int] = None    # None = the model's eval_think_steps (K + r)
     think_lr: Optional[float] = None     # None = the trained alpha
-    think_noise: float = 0.0             # Langevin noise std added before each think step
+    think_noise: float = 0.0             # std of the noise added to z before each think step
     accept_lower_energy: bool = False    # keep a think step only where it lowers the energy
     n_candidates: int = 1                # best-of-N: N chains per token, lowest final energy wins
-    # decoding
+    # -- decoding
     sample: bool = False                 # false = argmax (greedy, deterministic)
     sample_temp: float = 1.0
     topk: Optional[int] = None           # keep the k most likely tokens (None/0 = all)
@@ -137,6 +213,19 @@ class SampleConfig:
     stream: bool = True                  # print tokens as they are generated
     tokenizer: Optional[str] = None      # None = from the checkpoint; char | gpt2 | tiktoken name
     bpe_encoding: Optional[str] = None   # tiktoken encoding for tokenizer=gpt2 (default gpt2)
+
+    def __post_init__(self):
+        _check([(self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
+                (self.num_samples >= 1, "num_samples must be >= 1"),
+                (self.n_candidates >= 1, "n_candidates must be >= 1"),
+                (self.think_steps is None or self.think_steps >= 0, "think_steps must be >= 0"),
+                (self.think_lr is None or self.think_lr > 0, "think_lr must be > 0"),
+                (self.think_noise >= 0, "think_noise must be >= 0"),
+                (self.topk is None or self.topk >= 0, "topk must be >= 0 (0 = off)"),
+                (self.sample_top_p is None or 0 < self.sample_top_p <= 1,
+                 "sample_top_p must be in (0, 1]"),
+                (not self.sample or self.sample_temp > 0,
+                 "sample_temp must be > 0 (for argmax use sample=false)")])
 
 
 @dataclass
@@ -152,7 +241,7 @@ class CompareConfig:
     eval_iters: int = 50         # fixed val batches, identical for every run
     eval_seed: int = 2024
     n_candidates: int = 4        # best-of-N at the trained step count (1 = off)
-    bon_noise: float = 0.5       # Langevin noise that makes the N chains differ
+    think_noise: float = 0.5     # best-of-N: the noise (before each step) that makes chains differ
     # evaluate.py on every thinking run (nanoebm/scorecard.py), the suite's plain transformer
     # of the same seed as the shift axis: results/<eval_name>.{json,md,png}
     eval_sets: List[str] = field(default_factory=list)  # e.g. [val, corrupt_05]; empty = off
@@ -182,7 +271,7 @@ class EvalConfig:
     windows: int = 512                   # fixed windows per set (evenly spaced)
     batch_size: int = 32
     bon: int = 4                         # best-of-N chains at K (<= 1: off)
-    bon_noise: float = 0.5               # Langevin noise that makes the chains differ
+    think_noise: float = 0.5             # best-of-N: the noise that makes the chains differ
     bootstrap: int = 1000                # resamples of windows for the 95% intervals
     seed: int = 2024                     # corruption, chain noise, bootstrap
     diagnose: bool = False               # also write diagnose.{json,md} (nanoebm/diagnose.py)
@@ -190,20 +279,27 @@ class EvalConfig:
     task_lines: int = 100                # addition tasks: answers decoded per split (exact match)
     device: str = "auto"
 
+    def __post_init__(self):
+        _check([(self.steps >= 0, "steps must be >= 0"),
+                (self.windows >= 1 and self.batch_size >= 1, "windows and batch_size must be >= 1"),
+                (self.think_noise >= 0, "think_noise must be >= 0"),
+                (self.bootstrap >= 10, "bootstrap must be >= 10 resamples"),
+                (self.rerank_topk >= 1 and self.task_lines >= 0,
+                 "rerank_topk must be >= 1 and task_lines >= 0")])
+
 
 @dataclass
 class VizConfig:
     """viz.py: pictures computed from a checkpoint's real energies (see viz.py for the modes)."""
     checkpoint: Optional[str] = None  # None: the newest out_ebt/run_*/final.pt
-    mode: str = "topk"           # topk | gap | gap_multi | bowl_panels | bowl_anim | traj |
-    #                              surface3d | surface_anim | margin | eval | per_token
+    mode: str = "topk"           # one of VIZ_MODES (viz.py's docstring says what each draws)
     prompt: str = "ROMEO:"
     steps: int = 8               # think steps to trace (K)
     topk: int = 20               # topk: bars for the lowest-energy next tokens
     topk_think: int = 10         # traj: tokens whose trajectories are drawn
     traj_space: str = "logits"   # traj: logits (centred) | probs
     multi_trajectories: int = 5  # gap_multi: noisy chains overlaid
-    think_noise: float = 0.3     # gap_multi: Langevin noise std added to z before each step
+    think_noise: float = 0.3     # gap_multi: std of the noise added to z before each step
     tokens: int = 3              # per_token: generated tokens to trace
     per_token_anim: bool = False  # per_token: one animation per token instead of panels
     grid: int = 41               # points per axis of bowl profiles / surface slices (made odd)
@@ -217,6 +313,22 @@ class VizConfig:
     seed: int = 1337
     dpi: int = 100
     device: str = "auto"         # auto (cuda > mps > cpu) | cuda | mps | cpu
+
+    def __post_init__(self):
+        min_steps = 0 if self.mode in ("topk", "eval") else 1
+        counts = ("topk", "topk_think", "multi_trajectories", "tokens", "batch_size", "eval_iters",
+                  "dpi")
+        _check(_choices(self, "", {"mode": VIZ_MODES, "writer": ("auto", "gif", "mp4"),
+                                   "split": ("train", "val"), "traj_space": ("logits", "probs")})
+               + [(self.steps >= min_steps,
+                   f"steps={self.steps}: mode={self.mode} needs steps >= {min_steps}")]
+               + [(getattr(self, n) >= 1, f"{n}={getattr(self, n)} must be >= 1") for n in counts]
+               + [(self.grid >= 3 and self.span > 0,
+                   f"grid={self.grid}, span={self.span}: need grid >= 3 and span > 0")])
+
+
+VIZ_MODES = ("topk", "gap", "gap_multi", "bowl_panels", "bowl_anim", "traj", "surface3d",
+             "surface_anim", "margin", "eval", "per_token")
 
 
 @dataclass
@@ -240,9 +352,8 @@ class BenchConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# command-line shims
-
-# legacy spelling -> (canonical key, inverted?)  Earlier repos in this lineage used these names.
+# command-line shims. LEGACY_ALIASES: legacy spelling -> (canonical key, inverted?), names from
+# earlier versions and from the reference code's scripts, still accepted with a one-line note.
 LEGACY_ALIASES = {
     "model.mcmc_num_steps": ("model.think_steps", False),
     "model.refine_steps": ("model.think_steps", False),
@@ -253,7 +364,8 @@ LEGACY_ALIASES = {
     "model.mcmc_step_size_lr_multiplier": ("model.think_lr_lr_multiplier", False),
     "model.truncate_mcmc": ("model.truncate_refine", False),
     "model.no_mcmc_detach": ("model.detach_refine", True),
-    "model.langevin_dynamics_noise": ("model.langevin_noise", False),
+    "model.langevin_dynamics_noise": ("model.think_noise", False),
+    "model.langevin_noise": ("model.think_noise", False),
     "model.clamp_update_max_change": ("model.think_max_move", False),
     "model.entropy_reg_tau": ("model.entropy_weight", False),
 }
@@ -298,9 +410,23 @@ def rewrite_argv(argv: list[str], verbatim: tuple[str, ...] = ()) -> tuple[list[
     return out, notes
 
 
+def check_presets(argv: list[str], config_dir: Path) -> None:
+    """`experiment=NAME` (any config group: experiment, data, suite) must name a file in
+    configs/<group>/: a one-line error listing the presets, instead of Hydra's screenful."""
+    for group, eq, name in (arg.partition("=") for arg in argv):
+        folder = config_dir / group.lstrip("+")
+        if eq and "." not in group and folder.is_dir() and name != "null" \
+                and not (folder / f"{name}.yaml").is_file():
+            names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+            raise SystemExit(f"error: {group}={name}: no such preset in configs/{folder.name}/; "
+                             f"choose one of {names}")
+
+
 def apply_cli_shims(verbatim: tuple[str, ...] = ()) -> None:
-    """Rewrite sys.argv in place before @hydra.main parses it, printing one note per alias."""
+    """Rewrite sys.argv in place before @hydra.main parses it, printing one note per alias,
+    and check preset names against the configs/ folder next to the script."""
     sys.argv[1:], notes = rewrite_argv(sys.argv[1:], verbatim)
+    check_presets(sys.argv[1:], Path(sys.argv[0]).resolve().parent / "configs")
     for n in notes:
         print(n)
 
@@ -308,10 +434,7 @@ def apply_cli_shims(verbatim: tuple[str, ...] = ()) -> None:
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (only entry scripts and tests call this)."""
     from hydra.core.config_store import ConfigStore
-    cs = ConfigStore.instance()
-    cs.store(name="base_train", node=TrainRunConfig)
-    cs.store(name="base_compare", node=CompareConfig)
-    cs.store(name="base_sample", node=SampleConfig)
-    cs.store(name="base_viz", node=VizConfig)
-    cs.store(name="base_eval", node=EvalConfig)
-    cs.store(name="base_bench", node=BenchConfig)
+    for name, node in (("base_train", TrainRunConfig), ("base_compare", CompareConfig),
+                       ("base_sample", SampleConfig), ("base_viz", VizConfig),
+                       ("base_eval", EvalConfig), ("base_bench", BenchConfig)):
+        ConfigStore.instance().store(name=name, node=node)

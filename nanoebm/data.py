@@ -95,11 +95,7 @@ def list_sources(path: Path, max_shards: int | None) -> list[Path]:
         if not shards:
             raise FileNotFoundError(f"no .parquet shards in {path}: fetch some with `python "
                                     f"download_data.py -n 10 -d {path}`")
-        if max_shards is not None:
-            if max_shards < 1:
-                raise ValueError(f"data.max_shards={max_shards}: use a positive count or null")
-            shards = shards[:max_shards]
-        return shards
+        return shards if max_shards is None else shards[:max_shards]
     if path.is_file():
         if max_shards is not None:
             raise ValueError("data.max_shards applies to a folder of parquet shards, but "
@@ -261,12 +257,7 @@ def load_cached(cfg: DataConfig, path: Path, sources: list[Path], tok, rank_buil
 def load_data(cfg: DataConfig, rank: int = 0, world: int = 1) -> TokenData:
     """Load the configured corpus and check it is long enough for data.block_size. Under DDP
     (world > 1) only local rank 0 builds a token cache; the rest wait and map it."""
-    if cfg.tokenizer not in ("char", "gpt2"):
-        raise ValueError(f"data.tokenizer={cfg.tokenizer!r}: use char or gpt2 (BPE; pick the "
-                         "tiktoken vocabulary with data.bpe_encoding)")
-    frac = cfg.val_fraction
-    if frac is not None and not 0 < frac < 1:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {frac}")
+    frac = cfg.val_fraction  # data.* values were checked when cfg was built (DataConfig)
     if tasks.task_name(cfg.data_path) is not None:
         path = tasks.task_path(cfg.data_path, cfg.cache_dir)
     else:

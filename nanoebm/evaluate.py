@@ -120,7 +120,7 @@ def curve_metrics(curve: dict, bits_name: str, prefix: str = "val_") -> dict:
 # ----------------------------------------------------------------- scoring a fixed set
 @torch.no_grad()
 def score_windows(model: EBT, x: torch.Tensor, y: torch.Tensor, steps: int, *, trained_k: int,
-                  bon: int = 0, bon_noise: float = 0.5, batch_size: int = 32, seed: int = 0,
+                  bon: int = 0, think_noise: float = 0.5, batch_size: int = 32, seed: int = 0,
                   device="cpu", autocast=None) -> dict:
     """Per-position results on windows x, y (N, T), batch by batch as thinking_curve does
     (batch i's chain seeded seed + i): ce_k and hit_k (argmax right) (N, T, steps+1), energy_k
@@ -136,7 +136,7 @@ def score_windows(model: EBT, x: torch.Tensor, y: torch.Tensor, steps: int, *, t
             r = position_curve(model, xb, yb, steps, generator=gen)
             if bon > 1 and trained_k > 0:
                 z0 = initial_logits(model, r["ctx"], xb.shape[1], generator=gen)
-                z = best_of_n(model, r["ctx"], z0, trained_k, bon, bon_noise, gen)
+                z = best_of_n(model, r["ctx"], z0, trained_k, bon, think_noise, gen)
                 r["ce_bon"] = ce(z, yb, reduction="none").view(yb.shape)
                 r["hit_bon"] = z.argmax(-1) == yb
         for key in ("ce_k", "hit_k", "energy_k", "ce_s1", "ce_bon", "hit_bon"):

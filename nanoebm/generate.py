@@ -12,7 +12,8 @@ whole window for every token (same tokens, same logits: tests check it). The ref
 implementation does even more: it also re-runs the whole prefix through every think step.
 
 Best-of-N (n_candidates=N): N chains per token, each with its own noise; each chain's final
-energy is measured and the chain with the lowest one is kept (self-verification, SPEC §3).
+energy is measured and the chain with the lowest one is kept (self-verification, the paper's
+Sec. 3).
 """
 from __future__ import annotations
 
@@ -59,9 +60,9 @@ def propose(model: EBT, ctx: Context, *, use_thinking: bool = True, think_steps:
             generator: torch.Generator | None = None) -> Proposal:
     """Next-token candidate logits for the last context position, after thinking."""
     cfg = model.cfg
-    K = cfg.think_steps + cfg.think_steps_random if think_steps is None else think_steps
+    K = cfg.eval_think_steps if think_steps is None else think_steps
     B = ctx.kv[0][0].shape[0]
-    if not use_thinking or K == 0:
+    if not use_thinking or K == 0 or not model.has_energy:
         # System 1 when the model has that head; otherwise z_0 itself (noise/zeros, no steps)
         mode = "s1" if model.has_s1 else None
         z0 = initial_logits(model, ctx, 1, mode=mode, generator=generator)  # (B, 1, V)

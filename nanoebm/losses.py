@@ -1,12 +1,19 @@
-"""Training objective: CE of the candidate after each think step, plus optional energy shaping.
+"""The training objective: cross-entropy of the candidate after each think step, plus the S1 CE.
 
-    loss = mean_k CE(z_{k+1}, x_{t+1})      (or the last step only with truncate_refine)
-         + aux_ce_weight * CE(S1 logits)    (when the model has an S1 head)
-         + contrastive_weight * L_cd        (use_contrastive, training only)
+    loss = sum_k w_k * CE(z_k, x_{t+1})  +  aux_ce_weight * CE(S1 logits, x_{t+1})
 
-With think_steps=0 only the S1 term is left: a plain causal LM, the baseline.
+over the K think steps z_1..z_K (the paper's Sec. 3: the energy is learned by backpropagating
+through the descent, which is second order). w_k is 1/K each (think_loss=mean), or only the last
+step (think_loss=last or truncate_refine), or proportional to k (linear). With think_steps=0
+only the S1 term is left: the plain transformer LM, the baseline.
 
-The contrastive terms, persistent chains and the replay buffer live in nanoebm/shaping.py.
+    ebt_loss           the formula as written; call loss.backward() on its result
+    ebt_loss_stepwise  the same loss and gradients with the backward done step by step, so memory
+                       stays flat in K (tests/test_fast_step.py holds the two equal)
+    forward_backward   what a training step runs: the stepwise version where it applies
+
+Contrastive energy shaping and the replay buffer (nanoebm/shaping.py) attach to ebt_loss through
+one hook, an EnergyShaping object, called at the three places marked "hook".
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoebm.model import EBT, Context, at_least_f32
-from nanoebm.shaping import EnergyShaping, energy_margin
+from nanoebm.shaping import EnergyShaping, energy_metrics
 from nanoebm.think import initial_logits, think
 
 
@@ -26,7 +33,7 @@ def ce(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.
 
 
 def step_weights(K: int, how: str) -> list[float]:
-    """Weights of the K per-step CEs: mean (SPEC default), last only, or linear 1..K."""
+    """Weights w_1..w_K of the per-step CEs: mean (the paper's), last only, or linear 1..K."""
     if how == "last":
         return [0.0] * (K - 1) + [1.0]
     w = list(range(1, K + 1)) if how == "linear" else [1] * K
@@ -38,118 +45,136 @@ def train_think_steps(model: EBT) -> int:
     cfg = model.cfg
     if model.training and cfg.think_steps_random > 0:
         return cfg.think_steps + random.randint(0, cfg.think_steps_random)
-    return cfg.think_steps + cfg.think_steps_random
+    return cfg.eval_think_steps
+
+
+def step_term(model: EBT, w_k: float, c: torch.Tensor, c_before: torch.Tensor, K: int):
+    """w_k * CE after step k, from the per-token CEs c (B*T,) after and c_before before it;
+    think_improve_weight adds a penalty on every token the step made worse."""
+    term = w_k * c.mean()
+    if model.cfg.think_improve_weight > 0:
+        term = term + model.cfg.think_improve_weight / K * (c - c_before.detach()).relu().mean()
+    return term
+
+
+def think_for_loss(model: EBT, ctx: Context, z0: torch.Tensor, K: int, want_metrics: bool,
+                   on_step=None):
+    """The K training think steps: differentiable in training (create_graph), with alpha drawn
+    per token and noise; plain descent in evaluation."""
+    training = model.training
+    return think(model, ctx, z0, K, create_graph=training, noise=None if training else 0.0,
+                 random_scale=model.cfg.think_lr_random_scale if training else 1.0,
+                 final_energy=want_metrics, on_step=on_step)
+
+
+def think_metrics(ces: list, out, loss_s1, want_metrics: bool) -> dict:
+    """Detached device tensors (no host sync): CE before and after each step, S1 CE, energies."""
+    m = {}
+    if want_metrics:
+        m.update({f"ce_k{k}": c.detach().mean() for k, c in enumerate(ces)})
+        if loss_s1 is not None:
+            m["ce_s1"] = loss_s1.detach()
+        m["energy_before"] = out.energies[0].detach().mean()
+        m["energy_after"] = out.final_energy.mean()
+    m["ce_think"] = ces[-1].detach().mean()
+    return m
 
 
 # ------------------------------------------------------------------------------- the loss
 def ebt_loss(model: EBT, x: torch.Tensor, y: torch.Tensor, *, want_metrics: bool = False,
-             shaping: EnergyShaping | None = None, backward_scale: float | None = None):
-    """One training forward: context stream once, K think steps, CE per step (+ contrastive).
-    Returns (loss, metrics); metrics are detached device tensors (no host syncs here).
-
-    backward_scale=s also backpropagates s * loss and returns it detached. With detach_refine
-    (no step reaches back into an earlier one) each step's loss is backpropagated as soon as
-    the step is built, so only one step's second-order graph is alive at a time; the gradients
-    arriving at the shared keys/values collect on leaf copies and go through the context stream
-    in one pass at the end. Same loss and gradients as loss.backward(), less memory."""
-    cfg, training = model.cfg, model.training
+             shaping: EnergyShaping | None = None):
+    """One forward: the context stream once, K think steps, the loss above (+ energy shaping).
+    Returns (loss, metrics); metrics are detached device tensors."""
+    cfg, K = model.cfg, train_think_steps(model)
     if shaping is None and (cfg.use_contrastive or cfg.replay_buffer_size > 0):
         raise ValueError("model.use_contrastive / model.replay_buffer_size keep state between "
                          "steps: pass shaping=EnergyShaping(model.cfg, model) to ebt_loss")
-    contrastive = cfg.use_contrastive and training  # a training-time regulariser only
-    neg = None
-    if contrastive and shaping.kind != "cd":  # first: fast weights are swapped in place
-        neg = shaping.persistent_negatives(model, x)
-    replay = shaping.replay if shaping is not None and training else None
-    B, z_replay = x.shape[0], None
-    if replay is not None and (idx := replay.sample(B)) is not None:
-        x, y = torch.cat([x, replay.x[idx]]), torch.cat([y, replay.y[idx]])  # (B + m, T)
-        z_replay = replay.z[idx]  # (m, T, V) where thinking stopped on these windows
+    hook = shaping if model.training else None  # shaping is a training-time regulariser only
+    if hook is not None:  # hook: replay rows join the batch, persistent negative chains advance
+        x, y = hook.before_forward(model, x, y)
     ctx = model.context(x)  # the only context-stream pass of this batch
-    K = train_think_steps(model)
-    m = {}
     loss_s1 = ce(ctx.s1_logits, y) if model.has_s1 else None
-    stepwise = (backward_scale is not None and training and K > 0 and cfg.detach_refine
-                and not contrastive and replay is None and torch.is_grad_enabled())
-    if K == 0:
-        loss = loss_s1
-        m["ce_s1"] = loss_s1.detach()
-        z_pred = ctx.s1_logits
+    if K == 0:  # the plain transformer: next-token CE of the S1 head
+        loss, z_final, m = loss_s1, ctx.s1_logits, {"ce_s1": loss_s1.detach()}
     else:
-        z0 = initial_logits(model, ctx, x.shape[1])
-        if z_replay is not None:  # replay rows restart from their stored final candidate
-            z0 = torch.cat([z0[:B], z_replay])
-        ctx_graph = ctx
-        if stepwise:  # think on leaf copies of the keys/values; their .grad collects the steps'
-            ctx = Context(kv=[(k.detach().requires_grad_(), v.detach().requires_grad_())
-                              for k, v in ctx.kv], s1_logits=ctx.s1_logits)
+        z0 = initial_logits(model, ctx, x.shape[1])  # (B, T, V)
+        if hook is not None:  # hook: replay rows restart from where thinking left them
+            z0 = hook.restart(z0)
+        out = think_for_loss(model, ctx, z0, K, want_metrics)
+        ces = [ce(z, y, reduction="none") for z in [z0] + out.logits]  # (B*T,) at z_0..z_K
         w = step_weights(K, "last" if cfg.truncate_refine else cfg.think_loss)
-        prev = [ce(z0, y, reduction="none").detach()]  # per-token CE before each step
-        ces, parts = [], []
-
-        def step_loss(k: int, z_next: torch.Tensor) -> None:
-            c = ce(z_next, y, reduction="none")  # (B*T,) CE after step k+1
-            part = w[k] * c.mean()
-            if cfg.think_improve_weight > 0:  # penalise any token this step makes worse
-                part = part + cfg.think_improve_weight / K * (c - prev[-1]).relu().mean()
-            prev.append(c.detach())
-            ces.append(c.detach().mean())
-            if stepwise and part.requires_grad:  # free this step's graph now
-                (part * backward_scale).backward()
-                part = part.detach()
-            parts.append(part)
-
-        scale = cfg.think_lr_random_scale if training else 1.0
-        out = think(model, ctx, z0, K, create_graph=training, random_scale=scale,
-                    noise=None if training else 0.0, final_energy=want_metrics, on_step=step_loss)
-        loss = sum(parts)
+        loss = sum(step_term(model, w[k], ces[k + 1], ces[k], K) for k in range(K))
         if loss_s1 is not None and cfg.aux_ce_weight > 0:
             loss = loss + cfg.aux_ce_weight * loss_s1
-        if stepwise:  # one backward through the context stream: S1 CE + the collected kv grads
-            roots = [(t, leaf.grad) for kv, kv_leaf in zip(ctx_graph.kv, ctx.kv)
-                     for t, leaf in zip(kv, kv_leaf) if leaf.grad is not None]
-            if loss.requires_grad:  # the S1 term
-                roots.append((loss * backward_scale, None))
-            if roots:
-                torch.autograd.backward([r for r, _ in roots], [g for _, g in roots])
-            loss = loss.detach()
-        if replay is not None:  # only fresh rows become records
-            replay.push(x[:B], y[:B], out.final[:B])
-        z_pred = out.final
-        if want_metrics:
-            m["ce_k0"] = prev[0].mean()
-            for k, c in enumerate(ces):
-                m[f"ce_k{k + 1}"] = c
-            if loss_s1 is not None:
-                m["ce_s1"] = loss_s1.detach()
-            m["energy_before"] = out.energies[0].detach().mean()
-            m["energy_after"] = out.final_energy.mean()
-        m["ce_think"] = ces[-1]
+        z_final, m = out.final, think_metrics(ces, out, loss_s1, want_metrics)
     parts = None
-    if contrastive:
-        l_cd, parts = shaping.contrastive(model, ctx, y, z_pred.detach(), neg)
-        loss = loss + cfg.contrastive_weight * l_cd
-        m["cd_loss"] = l_cd.detach()
-    if want_metrics and (contrastive or K > 0):
-        m.update(_shaping_metrics(model, ctx, y, z_pred.detach(), parts, shaping))
-    if backward_scale is not None and not stepwise:
-        (loss * backward_scale).backward()
-        loss = loss.detach()
+    if hook is not None:  # hook: the contrastive term; this batch's candidates join the replay
+        loss, parts = hook.after_thinking(model, ctx, x, y, z_final, loss, m)
+    if want_metrics and (K > 0 or parts is not None):
+        m.update(energy_metrics(model, ctx, y, z_final.detach(), parts, shaping))
     return loss, m
 
 
-def _shaping_metrics(model, ctx, y, z_pred, parts, shaping) -> dict:
-    """Energy margin (always on the batch's own positions; for pcd the negatives come from a
-    diagnostic CD chain with a private generator, so logging never moves the training RNG)."""
-    E_neg = parts["E_neg_t"].detach() if parts is not None and parts["aligned"] else None
-    gen = torch.Generator(device=y.device).manual_seed(0)
-    mm = energy_margin(model, ctx, y, z_pred, E_neg, generator=gen)
-    m = {"energy_margin": mm["energy_margin"]}
-    if parts is not None:  # the contrastive phases as trained
-        m["E_pos"], m["E_neg"] = parts["E_pos_t"].detach().mean(), parts["E_neg_t"].detach().mean()
-    if shaping is not None and shaping.n_rec:
-        m["buffer_fill"] = torch.tensor(float(shaping.used.float().mean()))
-        m["restarts"] = torch.tensor(float(shaping.restarts))
-    if shaping is not None and shaping.replay is not None:
-        m["replay_fill"] = torch.tensor(shaping.replay.n / shaping.replay.size)
-    return m
+# ------------------------------------------------- the same, with less memory
+def ebt_loss_stepwise(model: EBT, x: torch.Tensor, y: torch.Tensor, *, backward_scale: float,
+                      want_metrics: bool = False, shaping: EnergyShaping | None = None):
+    """ebt_loss followed by (backward_scale * loss).backward(), for detach_refine=true training
+    without shaping terms. Returns the detached loss and the metrics.
+
+    With detach_refine no step reaches back into an earlier one, so each step's loss can be
+    backpropagated as soon as the step is built, and only one step's second-order graph is
+    alive at a time. The steps' gradients arriving at the shared keys/values collect on leaf
+    copies of them and go through the context stream once, at the end, with the S1 CE."""
+    cfg, K = model.cfg, train_think_steps(model)
+    if not cfg.detach_refine or cfg.use_contrastive or cfg.replay_buffer_size > 0:
+        raise ValueError("ebt_loss_stepwise needs model.detach_refine=true and no contrastive "
+                         "term or replay: use forward_backward, which picks the right loss")
+    ctx = model.context(x)
+    loss_s1 = ce(ctx.s1_logits, y) if model.has_s1 else None
+    if K == 0:
+        (loss_s1 * backward_scale).backward()
+        return loss_s1.detach(), {"ce_s1": loss_s1.detach()}
+    z0 = initial_logits(model, ctx, x.shape[1])
+    leaf = Context(kv=[(k.detach().requires_grad_(), v.detach().requires_grad_())
+                       for k, v in ctx.kv], s1_logits=ctx.s1_logits)
+    w = step_weights(K, "last" if cfg.truncate_refine else cfg.think_loss)
+    ces, terms = [ce(z0, y, reduction="none").detach()], []
+
+    def backward_now(k: int, z_next: torch.Tensor) -> None:  # think() calls this after step k
+        c = ce(z_next, y, reduction="none")
+        term = step_term(model, w[k], c, ces[-1], K)
+        ces.append(c.detach())
+        if term.requires_grad:  # free this step's graph now; its key/value grads stay on `leaf`
+            (term * backward_scale).backward()
+        terms.append(term.detach())
+
+    out = think_for_loss(model, leaf, z0, K, want_metrics, on_step=backward_now)
+    loss = sum(terms)
+    if loss_s1 is not None and cfg.aux_ce_weight > 0:
+        loss = loss + cfg.aux_ce_weight * loss_s1
+    # one backward through the context stream: the S1 CE and the collected key/value gradients
+    roots = [(t, t_leaf.grad) for kv, kv_leaf in zip(ctx.kv, leaf.kv)
+             for t, t_leaf in zip(kv, kv_leaf) if t_leaf.grad is not None]
+    if loss.requires_grad:
+        roots.append((loss * backward_scale, None))
+    if roots:
+        torch.autograd.backward([r for r, _ in roots], [g for _, g in roots])
+    m = think_metrics(ces, out, loss_s1, want_metrics)
+    if want_metrics:
+        m.update(energy_metrics(model, leaf, y, out.final.detach(), None, shaping))
+    return loss.detach(), m
+
+
+def forward_backward(model: EBT, x: torch.Tensor, y: torch.Tensor, *, scale: float = 1.0,
+                     want_metrics: bool = False, shaping: EnergyShaping | None = None):
+    """One training micro-batch: loss and the backward of scale * loss. Returns the detached
+    loss and the metrics. Uses ebt_loss_stepwise where it computes the same thing (detached
+    think steps, no contrastive term, no replay), ebt_loss + backward otherwise."""
+    cfg = model.cfg
+    if (model.training and cfg.detach_refine and torch.is_grad_enabled()
+            and not cfg.use_contrastive and cfg.replay_buffer_size == 0):
+        return ebt_loss_stepwise(model, x, y, backward_scale=scale, want_metrics=want_metrics,
+                                 shaping=shaping)
+    loss, m = ebt_loss(model, x, y, want_metrics=want_metrics, shaping=shaping)
+    (loss * scale).backward()
+    return loss.detach(), m

@@ -7,7 +7,8 @@
   only (never to its target x_{t+1}, later tokens or other candidates), with the same Q/K/V/O
   weights. A final RMSNorm + Linear(D, 1) turns it into one scalar energy E_t per position.
 * System-1 head - Linear(D, V) on the context stream: amortized initial logits. With
-  think_steps=0 the model is exactly a plain causal transformer LM (the baseline).
+  think_steps=0 the model is exactly a plain causal transformer LM (the baseline), and it keeps
+  no candidate-stream parameters at all.
 
 The candidate attention is written out with plain tensor ops so that it can be differentiated
 twice (training backpropagates through dE/dp). The context stream only needs first-order
@@ -160,7 +161,6 @@ class EBT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         assert cfg.vocab_size > 0 and cfg.block_size > 0, "set vocab_size/block_size from the data"
-        assert cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0
         self.cfg = cfg
         D, V = cfg.n_embd, cfg.vocab_size
         self.wte = nn.Embedding(V, D)
@@ -168,7 +168,7 @@ class EBT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         # candidate embedding: a separate V x D table unless tied to the input embedding
         self.w_cand = None if cfg.tie_candidate_embedding else nn.Parameter(torch.empty(V, D))
-        n_step = max(1, cfg.think_steps + cfg.think_steps_random)
+        n_step = max(1, cfg.eval_think_steps)
         self.step_emb = nn.Embedding(n_step, D) if cfg.step_embed else None
         self.ln_e, self.energy_head = RMSNorm(D), nn.Linear(D, 1, bias=False)
         # the S1 head exists when it starts the chain, is the model (K=0), or gets aux CE
@@ -177,7 +177,11 @@ class EBT(nn.Module):
         self.s1_head = nn.Linear(D, V, bias=False) if self.has_s1 else None
         # alpha, the think step size; learnable when think_lr_learnable (own optimizer group)
         alpha = torch.full((n_step,) if cfg.think_lr_per_step else (), float(cfg.think_lr))
-        self.alpha = nn.Parameter(alpha, requires_grad=cfg.think_lr_learnable)
+        self.has_energy = cfg.has_energy
+        if self.has_energy:
+            self.alpha = nn.Parameter(alpha, requires_grad=cfg.think_lr_learnable)
+        else:  # the baseline never thinks: a constant, so code that reads model.alpha still works
+            self.register_buffer("alpha", alpha, persistent=False)
         cos, sin = rope_tables(cfg.block_size + 1, D // cfg.n_head)  # +1: candidates sit at t+1
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -187,6 +191,10 @@ class EBT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2 style scaled init of residual outputs
             if name.endswith(("attn.proj.weight", "mlp.down.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if not self.has_energy:
+            # The plain transformer drops the candidate stream. It was built and initialised all
+            # the same, so one seed gives the baseline exactly the weights the EBT starts from.
+            self.w_cand = self.step_emb = self.ln_e = self.energy_head = None
 
     @staticmethod
     def _init_weights(m):
@@ -219,6 +227,9 @@ class EBT(nn.Module):
         """Energy E (B, Tc) of candidate distributions p (B, Tc, V) for the LAST Tc context
         positions (Tc = T in training, 1 when generating with a KV cache). fused=True: SDPA
         attention, first-order differentiable only (thinking that is not trained through)."""
+        if not self.has_energy:
+            raise ValueError("this model is the plain transformer (model.think_steps=0): it has no "
+                             "energy to think with; use its System-1 logits")
         W = self.cand_weight.detach() if stopgrad_cand else self.cand_weight
         c = p.to(W.dtype) @ W  # (B, Tc, D): the expected embedding under p
         return self.energy_of_embedding(ctx, c, step, fused)

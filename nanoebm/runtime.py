@@ -70,6 +70,15 @@ def allreduce_grads(params, world: int) -> None:
         i += n
 
 
+def gather(obj, world: int) -> list:
+    """Every rank's obj, in rank order (a list of one without DDP)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # ------------------------------------------------------------------------------ run state
 def new_run_dir(out_dir: str) -> Path:
     """out_dir/run_YYYYmmdd_HHMMSS (suffix _2, _3.. if two runs start in the same second)."""
@@ -85,6 +94,7 @@ def new_run_dir(out_dir: str) -> Path:
 
 
 def rng_state(data_gen: torch.Generator) -> dict:
+    """This process's random streams: torch (dropout, noise), Python (random K), the data order."""
     st = {"torch": torch.get_rng_state(), "python": random.getstate(), "data": data_gen.get_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -144,9 +154,12 @@ def _read(p: Path) -> str:
         return ""
 
 
-def fmt_time(s: float) -> str:
-    s = int(max(s, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+def scheduled_lr(step: int, tc) -> float:
+    """train.learning_rate at this step (tc: TrainConfig): cosine_lr when decay_lr, else flat."""
+    if not tc.decay_lr:
+        return tc.learning_rate
+    return cosine_lr(step, tc.learning_rate, tc.min_lr, tc.warmup_iters,
+                     tc.lr_decay_iters or tc.max_steps)
 
 
 def cosine_lr(step: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:

@@ -120,7 +120,7 @@ def task_metrics(task, model, tok, sets, raw, K, cfg: EvalConfig, ck, device) ->
         val_text = tok.decode(run_data(ck, cfg).val)
         shots = taskeval.split_lines(val_text, 3)
         out["exact_match"] = {
-            split: taskeval.exact_match(model, tok, lines, shots, K, cfg.bon, cfg.bon_noise, device)
+            split: taskeval.exact_match(model, tok, lines, shots, K, cfg.bon, cfg.think_noise, device)
             for split, lines in (("val", taskeval.split_lines(val_text, cfg.task_lines + 3)[3:]),
                                  ("ood", taskeval.split_lines(files["ood"].read_text(), cfg.task_lines)))}
     return out
@@ -142,13 +142,11 @@ def diagnostics(model, sets, K: int, cfg: EvalConfig, device, tok, ck) -> dict:
 def score_checkpoint(cfg: EvalConfig) -> dict:
     """Score every set of cfg on the checkpoint: the contents of eval.json (+ "diagnose")."""
     check_set_names(cfg.sets)
-    if cfg.steps < 0 or cfg.windows < 1 or cfg.batch_size < 1:
-        raise ValueError("steps must be >= 0, windows and batch_size >= 1")
     device = rt.pick_device(cfg.device)
     path = Path(cfg.checkpoint or latest_checkpoint(cfg.train_out_dir))
     ck, model, tok = load_model(path, device, cfg.bpe_encoding)
-    T, K = model.cfg.block_size, model.cfg.think_steps + model.cfg.think_steps_random
-    steps = max(cfg.steps, K)
+    T, K = model.cfg.block_size, model.cfg.eval_think_steps
+    steps = max(cfg.steps, K) if K > 0 else 0  # a plain transformer has no energy to descend
     sets, notes = builtin_sets(cfg.sets, run_data(ck, cfg), ck, tok, T, cfg.windows, cfg.seed) \
         if cfg.sets else ([], [])
     sets += [text_set(t, tok, T, cfg.windows, cfg.drop_unknown) for t in cfg.texts]
@@ -168,7 +166,7 @@ def score_checkpoint(cfg: EvalConfig) -> dict:
     kw = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device)
     rows, raw = {}, {}
     for es in sets:
-        r = score_windows(model, es.x, es.y, steps, trained_k=K, bon=cfg.bon, bon_noise=cfg.bon_noise, **kw)
+        r = score_windows(model, es.x, es.y, steps, trained_k=K, bon=cfg.bon, think_noise=cfg.think_noise, **kw)
         if bmodel is not None:
             b = score_windows(bmodel, es.x, es.y, 0, trained_k=0, **kw)
             ref = b["ce_s1"] if "ce_s1" in b else b["ce_k"][..., 0]
@@ -246,7 +244,8 @@ def plot(results: list, path: Path) -> None:
     for a in ax:
         a.axhline(0, color="k", lw=0.6)
         a.grid(alpha=0.3)
-        a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

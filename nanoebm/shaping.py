@@ -1,8 +1,8 @@
-"""Energy shaping (SPEC §4): contrastive divergence and its persistent variants, Langevin
-sampling on the energy, the energy margin, and the replay buffer of the S2 recipe.
+"""Energy shaping: contrastive divergence and its persistent variants, Langevin sampling on the
+energy, the energy margin, and the replay buffer of the reference System-2 recipe.
 
-Contrastive energy shaping (SPEC §4). The positive is the true next token as a one-hot candidate,
-the negatives are candidates found by contrastive_k Langevin steps on the current energy:
+The positive is the true next token as a one-hot candidate, the negatives are candidates found
+by contrastive_k Langevin steps on the current energy:
 
     E_pos = E(x, onehot(x_{t+1}))       (B, T), gradient flows into the model
     E_neg = E(x', softmax(z_neg))       z_neg detached: a sample, not part of the graph
@@ -20,7 +20,9 @@ square term energies drift without bound; with it the optimum is E_pos = -1/(2 r
 
 The replay buffer (replay_buffer_size > 0, the reference S2 recipe) appends
 replay_fraction * B rows from earlier batches whose thinking restarts from the final candidate
-stored for that same window. All of this state lives in EnergyShaping, saved in checkpoints.
+stored for that same window. All of this state lives in EnergyShaping, saved in checkpoints;
+ebt_loss (nanoebm/losses.py) calls its three hook methods: before_forward, restart and
+after_thinking.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from nanoebm.think import initial_logits, think
 
 def last_landscape(cfg: ModelConfig) -> int:
     """Step index of the last think landscape: the one contrastive energies are measured on."""
-    return max(0, cfg.think_steps + cfg.think_steps_random - 1)
+    return max(0, cfg.eval_think_steps - 1)
 
 
 # ------------------------------------------------------------------------------- sampling
@@ -99,6 +101,25 @@ def val_energy_margin(model: EBT, batches, steps: int, *, seed: int = 0, autocas
     return tot
 
 
+def energy_metrics(model: EBT, ctx: Context, y: torch.Tensor, z_pred: torch.Tensor,
+                   parts: dict | None = None, shaping: EnergyShaping | None = None) -> dict:
+    """Training metrics of the energy: the margin (always on the batch's own positions; for
+    pcd the negatives come from a diagnostic CD chain with a private generator, so logging
+    never moves the training RNG), the contrastive phases as trained, the buffers' fill."""
+    E_neg = parts["E_neg_t"].detach() if parts is not None and parts["aligned"] else None
+    gen = torch.Generator(device=y.device).manual_seed(0)
+    mm = energy_margin(model, ctx, y, z_pred, E_neg, generator=gen)
+    m = {"energy_margin": mm["energy_margin"]}
+    if parts is not None:
+        m["E_pos"], m["E_neg"] = parts["E_pos_t"].detach().mean(), parts["E_neg_t"].detach().mean()
+    if shaping is not None and shaping.n_rec:
+        m["buffer_fill"] = torch.tensor(float(shaping.used.float().mean()))
+        m["restarts"] = torch.tensor(float(shaping.restarts))
+    if shaping is not None and shaping.replay is not None:
+        m["replay_fill"] = torch.tensor(shaping.replay.n / shaping.replay.size)
+    return m
+
+
 # ---------------------------------------------------------------------------- the buffers
 class ReplayBuffer:
     """FIFO of records from earlier batches: token windows x, targets y and the final candidate
@@ -128,27 +149,10 @@ class ReplayBuffer:
 
 class EnergyShaping:
     """Training-time state beside the model: persistent chains (pcd, fast_pcd), fast weights
-    (fast_pcd) and the replay buffer. train.py makes one, passes it to every ebt_loss call and
+    (fast_pcd) and the replay buffer. train.py makes one, passes it to every training step and
     saves state_dict() in checkpoints so a resume continues the same chains."""
 
     def __init__(self, cfg: ModelConfig, model: EBT):
-        checks = [
-            (cfg.contrastive_k >= 0, "model.contrastive_k must be >= 0"),
-            (cfg.contrastive_reg >= 0, "model.contrastive_reg must be >= 0"),
-            (cfg.langevin_step_size >= 0 and cfg.langevin_noise_scale >= 0,
-             "model.langevin_step_size and model.langevin_noise_scale must be >= 0"),
-            (0 <= cfg.restart_prob <= 1, "model.restart_prob must be in [0, 1]"),
-            (cfg.n_persistent >= 1 and cfg.n_chains >= 1,
-             "model.n_persistent and model.n_chains must be >= 1"),
-            (0 <= cfg.fast_decay <= 1, "model.fast_decay must be in [0, 1]"),
-            (cfg.replay_buffer_size >= 0, "model.replay_buffer_size must be >= 0"),
-            (0 < cfg.replay_fraction <= 1, "model.replay_fraction must be in (0, 1]"),
-            (cfg.replay_buffer_size == 0 or cfg.think_steps > 0,
-             "model.replay_buffer_size needs model.think_steps > 0 (replay restarts thinking)"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
         self.cfg = cfg
         self.kind = cfg.contrastive_type if cfg.use_contrastive else None
         self.replay = ReplayBuffer(cfg.replay_buffer_size, cfg.replay_fraction) \
@@ -160,6 +164,37 @@ class EnergyShaping:
         # fast weights: one zero tensor per trainable parameter (fast_pcd only)
         self.fast = {n: torch.zeros_like(p) for n, p in model.named_parameters()
                      if p.requires_grad} if self.kind == "fast_pcd" else {}
+
+    # -- the hook: ebt_loss calls these three, in this order, on every training batch
+    def before_forward(self, model: EBT, x: torch.Tensor, y: torch.Tensor):
+        """Before the batch's graph exists: continue the persistent negative chains (fast_pcd
+        swaps its fast weights into the parameters in place) and append replay rows. Returns
+        (x, y) with the replayed records appended, (B + m, T)."""
+        self._neg, self._z_replay, self._fresh = None, None, x.shape[0]
+        if model.cfg.use_contrastive and self.kind != "cd":
+            self._neg = self.persistent_negatives(model, x)
+        if self.replay is not None and (idx := self.replay.sample(x.shape[0])) is not None:
+            x, y = torch.cat([x, self.replay.x[idx]]), torch.cat([y, self.replay.y[idx]])
+            self._z_replay = self.replay.z[idx]  # (m, T, V) where thinking stopped on them
+        return x, y
+
+    def restart(self, z0: torch.Tensor) -> torch.Tensor:
+        """The think start z0 (B + m, T, V) with each replayed row's stored final candidate."""
+        if self._z_replay is None:
+            return z0
+        return torch.cat([z0[:self._fresh], self._z_replay])
+
+    def after_thinking(self, model: EBT, ctx: Context, x: torch.Tensor, y: torch.Tensor,
+                       z_final: torch.Tensor, loss: torch.Tensor, metrics: dict):
+        """Store the fresh rows' final candidates for replay and add the contrastive term.
+        Returns (loss, parts): parts are the contrastive phases (None without the term)."""
+        if self.replay is not None:  # only fresh rows become records
+            self.replay.push(x[:self._fresh], y[:self._fresh], z_final[:self._fresh])
+        if not model.cfg.use_contrastive:
+            return loss, None
+        l_cd, parts = self.contrastive(model, ctx, y, z_final.detach(), self._neg)
+        metrics["cd_loss"] = l_cd.detach()
+        return loss + model.cfg.contrastive_weight * l_cd, parts
 
     # -- persistent chains
     def _pick_chains(self, x: torch.Tensor) -> torch.Tensor:

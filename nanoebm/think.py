@@ -1,8 +1,8 @@
 """Thinking: refine candidate logits z by descending the energy, z <- base - alpha * dJ/d(.).
 
-One step k (SPEC §3):
+One step k (the paper's Sec. 3, with the reference code's options):
     z      <- z.detach()                                  if detach_refine
-    z      <- z + langevin_noise * N(0, I)                (training, or when asked)
+    z      <- z + think_noise * N(0, I)                   (training, or when asked)
     p       = softmax(z / tau)
     J       = sum_t E_t(x, p) - entropy_weight * sum_t H(p_t)
     g       = dJ/dp  (think_grad=probs|hybrid)  or  dJ/dz  (think_grad=logits)
@@ -62,12 +62,12 @@ def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_grap
           generator: torch.Generator | None = None, on_step=None) -> ThinkOut:
     """Run `steps` think steps from z0 (B, T, V). create_graph=True when the result is trained
     on (then truncate_refine keeps the graph only on the last step). noise/lr override the
-    model's langevin_noise / alpha (inference); random_scale s draws alpha per token.
+    model's think_noise / alpha (inference); random_scale s draws alpha per token.
     on_step(k, z_next) runs after each step: training backpropagates that step's loss there,
     before the next step is built (with detach_refine no later step reaches back into it)."""
     cfg = model.cfg
     tau, lam = cfg.softmax_temperature, cfg.entropy_weight
-    noise = cfg.langevin_noise if noise is None else noise
+    noise = cfg.think_noise if noise is None else noise
     scale = 1.0
     if random_scale != 1.0:  # per-token alpha ~ U[alpha/s, alpha*s] (B, T, 1)
         u = torch.rand(z0.shape[:2] + (1,), device=z0.device, generator=generator)

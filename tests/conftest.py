@@ -1,6 +1,8 @@
 """Shared fixtures: tiny models, Hydra compose helper, a tiny trained checkpoint.
 
-Run everything with `uv run pytest`; a single file with `uv run pytest tests/test_model.py`.
+    uv run pytest -m "not slow"           # maths, options and units: the fast tier
+    uv run pytest                         # everything: + CLI, DDP, download, viz files, learning
+    uv run pytest tests/test_model.py     # one file
 """
 from __future__ import annotations
 

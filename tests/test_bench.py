@@ -8,7 +8,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # bench.py as a subprocess
 
 KEYS = ["train_step_ms_baseline", "train_step_ms_ebt", "ebt_over_baseline",
         "ebt_truncated_over_baseline", "peak_mem_mb_ebt_k4", "tokens_per_s_baseline",

@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, SMALL
+
+pytestmark = pytest.mark.slow  # compare.py as a subprocess, training several runs
 
 
 def run_compare(tmp_path, base, only, seeds, suite="recipes", extra=("eval_steps=[0,1,2,4]",)):
@@ -24,7 +28,7 @@ def tiny_base(*extra):
 
 
 def test_compare_suite_runs_and_writes_results(tmp_path):
-    base = tiny_base("train.max_steps=3", "model.langevin_noise=0.0", "model.think_lr_random_scale=1.0",
+    base = tiny_base("train.max_steps=3", "model.think_noise=0.0", "model.think_lr_random_scale=1.0",
                      "model.think_prox_weight=0.0")  # as the suite's own base
     r = run_compare(tmp_path, base, "[r0_baseline,r1_default,r2_prox]", "[1,2]")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Contrastive energy shaping: CD, PCD and fast-PCD (SPEC §4), on tiny CPU models, plus the
+"""Contrastive energy shaping: CD, PCD and fast-PCD, on tiny CPU models, plus the
 users' contrastive / long-run train.py commands with small sizes appended.
 
     uv run pytest tests/test_contrastive.py
@@ -29,7 +29,7 @@ def tiny(**kw) -> ModelConfig:
     base = dict(n_layer=1, n_head=2, n_embd=32, block_size=T, vocab_size=V, dropout=0.0,
                 use_contrastive=True, langevin_noise_scale=0.0, contrastive_k=2,
                 langevin_step_size=0.5, restart_prob=0.0,
-                langevin_noise=0.0, think_lr_random_scale=1.0)  # deterministic think steps
+                think_noise=0.0, think_lr_random_scale=1.0)  # deterministic think steps
     base.update(kw)
     return ModelConfig(**base)
 
@@ -267,6 +267,7 @@ TINY_RUN = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "data.block_
             "train.eval_iters=4", "train.eval_interval=1000", "model.dropout=0.0"]
 
 
+@pytest.mark.slow
 def test_energies_stay_bounded_over_200_steps_at_weight_1(tmp_path):
     """The earlier repo's mean energy went 0.2 -> 40 in 300 steps at weight 1. With both phases
     trained and the square term, energies settle near -+1/(2 reg) = -+5."""
@@ -284,11 +285,12 @@ def test_energies_stay_bounded_over_200_steps_at_weight_1(tmp_path):
     assert {"cd_loss", "energy_margin", "buffer_fill", "restarts"} <= set(logged[-1])
 
 
+@pytest.mark.slow
 def test_cd_improves_the_energy_margin_over_no_contrastive(tmp_path):
     """Same seed, steps and data: the true token ends below the model's own prediction and the
     negatives at more val positions when CD is on."""
     base = [*TINY_RUN, "train.max_steps=100", "train.log_interval=1000", "model.think_prox_weight=0",
-            "model.langevin_noise=0", "model.think_lr_random_scale=1"]  # plain steps, as measured
+            "model.think_noise=0", "model.think_lr_random_scale=1"]  # plain steps, as measured
     off = train_py.train(compose(*base, f"out_dir={tmp_path / 'off'}"))
     on = train_py.train(compose(*base, "model.use_contrastive=true", f"out_dir={tmp_path / 'on'}"))
     assert on["val_energy_margin"] > off["val_energy_margin"] + 0.2

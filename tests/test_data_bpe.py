@@ -272,6 +272,7 @@ def test_ddp_other_local_ranks_wait_for_rank0_cache(rank_file, tmp_path, monkeyp
     np.testing.assert_array_equal(r0.train, D.load_data(cfg).train)
 
 
+@pytest.mark.slow
 def test_memory_flat_as_shards_grow(rank_file, tmp_path):
     """Building the cache for 2 vs 8 shards (4x the tokens) in fresh processes: the peak of
     Python + numpy allocations (tracemalloc, exact) and the peak RSS (kernel VmHWM, reset after
@@ -307,6 +308,7 @@ def test_memory_flat_as_shards_grow(rank_file, tmp_path):
 TINY = [*SMALL, "train.device=cpu"]
 
 
+@pytest.mark.slow
 def test_train_bpe_end_to_end(rank_file, tmp_path, monkeypatch):
     import sample as sample_script
     from nanoebm.checkpoint import load_checkpoint
@@ -340,7 +342,9 @@ def test_train_bpe_end_to_end(rank_file, tmp_path, monkeypatch):
 @pytest.mark.parametrize("seed_cmd", [
     "data.data_path=~/data/openfineweb data.tokenizer=gpt2 data.max_shards=10 model.mcmc_num_steps=0 train.eval_interval=1000 train.eval_iters=50 train.max_steps=20000",
     "data.data_path=~/data/openfineweb data.tokenizer=gpt2 data.max_shards=10 model.mcmc_num_steps=2 model.truncate_mcmc=True model.no_mcmc_detach=False train.max_steps=20000",
-    "data.data_path=~/data/openfineweb data.tokenizer=gpt2 data.max_shards=10 wandb_project=nanoebm wandb_name=ofw_baseline_k0",
+    pytest.param("data.data_path=~/data/openfineweb data.tokenizer=gpt2 data.max_shards=10 "
+                 "wandb_project=nanoebm wandb_name=ofw_baseline_k0",
+                 marks=pytest.mark.slow),  # starting W&B (offline) alone takes seconds
 ])
 def test_seed_commands_with_fixture_shards(seed_cmd, ranks, tmp_path, monkeypatch):
     """The README's FineWeb commands verbatim, HOME holding fixture shards and "gpt2" being the
@@ -357,6 +361,7 @@ def test_seed_commands_with_fixture_shards(seed_cmd, ranks, tmp_path, monkeypatc
     assert summary["step"] == 2 and "val_bpt" in summary
 
 
+@pytest.mark.slow
 def test_seed_command_fails_clearly_without_data_or_encoding(tmp_path):
     """Real subprocesses (run side by side): no ~/data/openfineweb; shards but no way to get gpt2."""
     cmd = [sys.executable, str(REPO / "train.py"), "data.data_path=~/data/openfineweb",

@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+pytestmark = pytest.mark.slow  # a local HTTP server with injected delays and faults
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -1,10 +1,11 @@
 """The cheap training step computes the same thing as the straightforward one.
 
-ebt_loss(..., backward_scale=s) backpropagates each think step as soon as it is built (with
-detach_refine) and sends the gradients collected at the keys/values through the context stream
-once. Checked here against loss.backward() on the full graph: same loss, same gradient for every
-parameter; the autograd memory held at the peak does not grow with think_steps; the context
-stream is backpropagated exactly once per batch.
+forward_backward, the training step, runs ebt_loss_stepwise(..., backward_scale=s) wherever it
+applies (every recipe here but detach_refine=False): it backpropagates each think step as soon
+as it is built and sends the gradients collected at the keys/values through the context stream
+once. Checked here against ebt_loss(...).backward() on the full graph: same loss, same
+gradient for every parameter; the autograd memory held at the peak does not grow with
+think_steps; the context stream is backpropagated exactly once per batch.
 
     uv run pytest tests/test_fast_step.py
 """
@@ -13,8 +14,8 @@ import random
 import pytest
 import torch
 
-from bench import SavedBytes
-from nanoebm.losses import ebt_loss
+from nanoebm.memory import SavedBytes
+from nanoebm.losses import ebt_loss, ebt_loss_stepwise, forward_backward
 from nanoebm.model import EBT
 from tests.conftest import tiny_cfg
 
@@ -43,7 +44,7 @@ def run(m: EBT, stepwise: bool):
     torch.manual_seed(7)
     random.seed(7)
     if stepwise:
-        loss, _ = ebt_loss(m, x, y, backward_scale=1.0)
+        loss, _ = forward_backward(m, x, y, scale=1.0)  # ebt_loss_stepwise where it applies
     else:
         loss, _ = ebt_loss(m, x, y)
         loss.backward()
@@ -53,7 +54,7 @@ def run(m: EBT, stepwise: bool):
 RECIPES = [dict(), dict(truncate_refine=True), dict(think_loss="linear"),
            dict(think_improve_weight=1.0, think_lr_per_step=True), dict(think_prox_weight=0.5),
            dict(think_init="noise", think_grad="probs", aux_ce_weight=0.0),
-           dict(langevin_noise=0.3, think_lr_random_scale=2.0, step_embed=True),
+           dict(think_noise=0.3, think_lr_random_scale=2.0, step_embed=True),
            dict(think_steps_random=1), dict(detach_refine=False)]
 
 
@@ -76,7 +77,7 @@ def peak_saved(K: int, stepwise: bool) -> int:
     sb = SavedBytes(m.parameters())  # bench.py's measure: saved storages, params excluded
     with torch.autograd.graph.saved_tensors_hooks(sb.pack, sb.unpack):
         if stepwise:
-            ebt_loss(m, x, y, backward_scale=1.0)
+            ebt_loss_stepwise(m, x, y, backward_scale=1.0)
         else:
             ebt_loss(m, x, y)[0].backward()
     return sb.peak
@@ -95,7 +96,7 @@ def test_context_stream_is_backpropagated_once_per_batch():
     x, y = batch()
     calls = []
     m.wte.weight.register_hook(lambda g: calls.append(1))  # only the context stream reads wte
-    ebt_loss(m, x, y, backward_scale=1.0)
+    ebt_loss_stepwise(m, x, y, backward_scale=1.0)
     assert len(calls) == 1
     assert m.blocks[0].attn.qkv.weight.grad is not None
 
@@ -105,5 +106,5 @@ def test_contrastive_and_eval_fall_back_to_one_backward():
     m = make_model(think_steps=2, use_contrastive=True)
     sh = EnergyShaping(m.cfg, m)
     x, y = batch()
-    loss, _ = ebt_loss(m, x, y, shaping=sh, backward_scale=1.0)
+    loss, _ = forward_backward(m, x, y, shaping=sh, scale=1.0)
     assert not loss.requires_grad and m.energy_head.weight.grad is not None

@@ -20,7 +20,7 @@ V, T = 11, 8
 
 def tiny(**kw) -> ModelConfig:
     base = dict(n_layer=1, n_head=2, n_embd=32, block_size=T, vocab_size=V, dropout=0.0,
-                langevin_noise=0.0, think_lr_random_scale=1.0)  # deterministic unless asked
+                think_noise=0.0, think_lr_random_scale=1.0)  # deterministic unless asked
     base.update(kw)
     return ModelConfig(**base)
 
@@ -89,10 +89,10 @@ def test_replay_needs_thinking():
         EnergyShaping(tiny(replay_buffer_size=4, think_steps=0), EBT(tiny(think_steps=0)))
 
 
-# ------------------------------------------------------- langevin_noise, randomised alpha/K
+# ------------------------------------------------------- think_noise, randomised alpha/K
 def test_langevin_noise_adds_gaussian_before_each_step_in_training_only():
     torch.manual_seed(0)
-    cfg = tiny(think_grad="logits", langevin_noise=0.7)
+    cfg = tiny(think_grad="logits", think_noise=0.7)
     model = EBT(cfg)
     x, y = batch()
     ctx = model.context(x)
@@ -149,6 +149,7 @@ def test_think_steps_random_trains_on_k_to_k_plus_r_and_evaluates_on_k_plus_r():
 
 
 # ------------------------------------------------------------------ presets and resume
+@pytest.mark.slow
 def test_ebt_s1_and_s2_presets_mirror_the_reference_and_run(tmp_path):
     s1, cfg1 = run_train(["experiment=ebt_s1"] + SMALL, tmp_path / "s1")
     m = cfg1.model
@@ -158,7 +159,7 @@ def test_ebt_s1_and_s2_presets_mirror_the_reference_and_run(tmp_path):
     s2, cfg2 = run_train(["experiment=ebt_s2"] + SMALL, tmp_path / "s2")
     m = cfg2.model
     assert (m.think_lr, m.think_lr_learnable, m.think_steps_random, m.think_lr_random_scale,
-            m.langevin_noise, m.detach_refine, m.truncate_refine, m.replay_buffer_size) == \
+            m.think_noise, m.detach_refine, m.truncate_refine, m.replay_buffer_size) == \
         (5.0, False, 1, 2.0, 3.0, False, True, 192)
     assert "val_loss_k3" in s2 and "val_loss_k4" not in s2  # eval on K + r = 3 steps
     ck = torch.load(Path(s2["run_dir"]) / "final.pt", weights_only=True)
@@ -168,7 +169,7 @@ def test_ebt_s1_and_s2_presets_mirror_the_reference_and_run(tmp_path):
 RESUME = [*SMALL, "train.max_steps=4", "train.save_interval=2", "model.dropout=0.1",
           "model.use_contrastive=true",
           "model.replay_buffer_size=4", "model.n_persistent=3", "model.n_chains=3",
-          "model.restart_prob=0.3", "model.langevin_noise_scale=0.1", "model.langevin_noise=0.5"]
+          "model.restart_prob=0.3", "model.langevin_noise_scale=0.1", "model.think_noise=0.5"]
 
 
 def final_state(summary):

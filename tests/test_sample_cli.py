@@ -73,6 +73,7 @@ def test_seed_command_runs(line, workdir, monkeypatch, capsys):
     assert ("mean energy drop per token" in out) == ("use_thinking=false" not in line)
 
 
+@pytest.mark.slow
 def test_cli_subprocess_key_value_and_latest(workdir):
     """A real process: --key=value, a prompt with a comma, no checkpoint (newest run)."""
     r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--prompt=In the year 2050,",

@@ -20,7 +20,7 @@ from tests.conftest import REPO, SMALL, compose
 
 SEED_COMMANDS = [  # train.py lines of shared/seed-commands.md needing no network or parquet data
     "",
-    "wandb_project=nanoebm",
+    pytest.param("wandb_project=nanoebm", marks=pytest.mark.slow),  # W&B start-up takes seconds
     "model.think_steps=2 model.truncate_refine=true model.detach_refine=true model.think_lr_learnable=true",
     "model.mcmc_num_steps=2 model.truncate_mcmc=True model.no_mcmc_detach=False",
     "data.data_path=shakespeare.txt data.batch_size=64",
@@ -52,6 +52,7 @@ def test_legacy_aliases_map_onto_canonical_options():
     assert (m.think_steps, m.truncate_refine, m.detach_refine, m.think_lr, m.think_lr_learnable) == \
         (4, True, False, 7.0, False)
     assert compose("model.no_mcmc_detach=False").model.detach_refine is True
+    assert compose("model.langevin_noise=0.2").model.think_noise == 0.2  # the earlier name
 
 
 def run_cli(*args, cwd=REPO, env=None):
@@ -60,6 +61,7 @@ def run_cli(*args, cwd=REPO, env=None):
                           text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_key_value_aliases_and_no_hydra_outputs(tmp_path):
     r = run_cli("--model.mcmc_num_steps=1", "--train.max_steps=2", *SMALL[1:], f"out_dir={tmp_path}",
                 cwd=tmp_path)  # run from elsewhere: configs and shakespeare.txt still found
@@ -69,6 +71,7 @@ def test_cli_key_value_aliases_and_no_hydra_outputs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", next(tmp_path.glob("run_*")).name]
 
 
+@pytest.mark.slow
 def test_cli_typo_fails_with_clear_message(tmp_path):
     r = run_cli("model.n_layr=2", f"out_dir={tmp_path}")
     assert r.returncode != 0
@@ -110,7 +113,7 @@ def test_run_folder_contents_and_checkpoint_format(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     common = [*SMALL, "train.max_steps=6", "train.save_interval=3", "model.dropout=0.1",
-              "model.langevin_noise=0.1", "model.think_steps_random=1", "model.think_init=noise"]
+              "model.think_noise=0.1", "model.think_steps_random=1", "model.think_init=noise"]
     full = Path(train_mod.train(compose(*common, f"out_dir={tmp_path / 'a'}"))["run_dir"])
     resumed = Path(train_mod.train(compose(*common, f"out_dir={tmp_path / 'b'}",
                    f"load_checkpoint={full / 'ckpt_step_000003.pt'}"))["run_dir"])
@@ -146,14 +149,14 @@ def test_corrupt_or_missing_checkpoint_gives_clear_error(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real = train_mod.ebt_loss
+    real = train_mod.forward_backward
     calls = []
 
     def poisoned(model, x, y, **kw):
         loss, m = real(model, x, y, **kw)
         calls.append(1)
         return (loss * float("nan"), m) if len(calls) >= 4 else (loss, m)
-    monkeypatch.setattr(train_mod, "ebt_loss", poisoned)
+    monkeypatch.setattr(train_mod, "forward_backward", poisoned)
     cfg = compose(*SMALL, "train.max_steps=8", "train.save_interval=2", f"out_dir={tmp_path}")
     with pytest.raises(SystemExit, match="training diverged: loss is nan at step 4"):
         train_mod.train(cfg)
@@ -168,6 +171,7 @@ def test_vocab_override_mismatch_is_an_error(tmp_path):
         train_mod.train(compose(*SMALL, "model.vocab_size=50", f"out_dir={tmp_path}"))
 
 
+@pytest.mark.slow
 def test_wandb_without_network_or_login_runs_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -186,6 +190,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     assert summary["step"] == 2 and all(math.isfinite(x["loss"]) for x in rows(summary["run_dir"]) if "loss" in x)
 
 
+@pytest.mark.slow
 def test_cpu_preset_learns(tmp_path):
     """A short version of experiment=cpu: val bpb must fall far below the uniform 6.0 bits."""
     cfg = compose("experiment=cpu", "train.max_steps=150", "train.eval_interval=150",
@@ -196,11 +201,12 @@ def test_cpu_preset_learns(tmp_path):
     assert r[0]["val_bpb"] > 5.5 and r[-1]["val_bpb"] < 3.9, (r[0]["val_bpb"], r[-1]["val_bpb"])
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """torchrun --nproc_per_node=2 with data.batch_size=2 == one process with batch_size=4:
     same global batch each step, gradients averaged by the all-reduce, same final weights."""
     common = [*SMALL, "train.max_steps=3", "model.think_steps=2", "train.grad_clip=0", "model.dropout=0",
-              "model.langevin_noise=0", "model.think_lr_random_scale=1",  # per-rank noise differs
+              "model.think_noise=0", "model.think_lr_random_scale=1",  # per-rank noise differs
               "train.save_interval=0", "train.decay_lr=false", "train.learning_rate=1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

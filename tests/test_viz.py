@@ -28,6 +28,8 @@ from nanoebm.think import initial_logits, think  # noqa: E402
 from nanoebm.tokenizer import tokenizer_from_meta  # noqa: E402
 from tests.conftest import REPO, compose  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test writes picture files from a trained checkpoint
+
 # the viz.py lines of ../shared/seed-commands.md, verbatim (checked against the file below)
 SEED_COMMANDS = """\
 uv run python viz.py --checkpoint=out_ebt/final.pt --mode=gap --steps=8
