@@ -55,6 +55,16 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def rope_rows(w, cos, sin):
+    """RoPE at ONE position folded into a projection weight w (n*hd, D_in): its output rows are
+    rotated so that x @ rope_rows(w).T == apply_rope(x @ w.T) there. cos, sin: (hd/2,)."""
+    half = cos.shape[-1]
+    w = w.view(-1, 2, half, w.shape[-1])  # (heads, first/second half, hd/2, D_in)
+    w1, w2 = w[:, 0], w[:, 1]
+    cos, sin = cos[:, None].to(w.dtype), sin[:, None].to(w.dtype)  # (hd/2, 1)
+    return torch.stack([w1 * cos - w2 * sin, w1 * sin + w2 * cos], 1).flatten(0, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
