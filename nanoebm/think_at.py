@@ -29,26 +29,38 @@ from nanoebm.think import ThinkOut
 
 
 @dataclass
+class Folded:
+    """The weights a one-position step reads, with every fixed linear map in front of them
+    folded in: the RMSNorm gains, the score scale 1/sqrt(hd). Once per generation."""
+    qk: torch.Tensor              # (n_layer, 2D, D): the q and k rows of qkv
+    v: torch.Tensor               # (n_layer, D, D): the v rows
+    energy: torch.Tensor          # (D,): the energy head
+
+
+@dataclass
 class Position:
     """The candidate stream at one position, prepared once per generated token."""
     kv: list                      # n_layer x (k, v), each (B, H, T, hd): the context, in place
-    w_qkv: list                   # n_layer x (3D, D): ln1 gain, RoPE and 1/sqrt(hd) folded in
-    w_energy: torch.Tensor        # (D,): the energy head with the ln_e gain folded in
+    w_qkv: list                   # n_layer x (3D, D): Folded's, with RoPE at the position
+    w_energy: torch.Tensor        # (D,)
     bias: torch.Tensor | None = None  # (1, 1, 1, T): 0 on real keys, -inf on unused cache slots
 
 
-def position(model: EBT, kv: list, pos: int, bias: torch.Tensor | None = None) -> Position:
-    """Candidates for the token after a context of length `pos` sit at RoPE position pos. Every
-    fixed linear map in front of a projection is folded into its weight here, once per token:
-    the RMSNorm gain, the rotation at that position and the score scale."""
+def fold_weights(model: EBT) -> Folded:
     D, hd = model.cfg.n_embd, model.cfg.n_embd // model.cfg.n_head
-    cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (hd/2,)
-    w_qkv = []
-    for block in model.blocks:
-        w = block.attn.qkv.weight * block.ln1.weight  # (3D, D): q, k, v rows
-        qk = rope_rows(w[:2 * D], cos, sin)  # (2D, D)
-        w_qkv.append(torch.cat([qk[:D] / math.sqrt(hd), qk[D:], w[2 * D:]]))
-    return Position(kv, w_qkv, model.energy_head.weight[0] * model.ln_e.weight, bias)
+    w = torch.stack([b.attn.qkv.weight * b.ln1.weight for b in model.blocks])  # (L, 3D, D)
+    scale = torch.ones(2 * D, 1, dtype=w.dtype, device=w.device)
+    scale[:D] = 1 / math.sqrt(hd)  # on the q rows: scores q.k / sqrt(hd)
+    return Folded(qk=w[:, :2 * D] * scale, v=w[:, 2 * D:], energy=model.energy_head.weight[0] * model.ln_e.weight)
+
+
+def position(model: EBT, kv: list, pos: int, bias: torch.Tensor | None = None,
+             folded: Folded | None = None) -> Position:
+    """Candidates for the token after a context of length `pos` sit at RoPE position pos: the
+    rotation there is a fixed linear map too, folded into the q/k rows once per token."""
+    f = folded or fold_weights(model)
+    qk = rope_rows(f.qk, model.rope_cos[pos], model.rope_sin[pos])  # (L, 2D, D)
+    return Position(kv, list(torch.cat([qk, f.v], 1).unbind(0)), f.energy, bias)
 
 
 def _rms(x, eps):
@@ -202,6 +214,7 @@ class Thinker:
     def __init__(self, model: EBT, compile: bool = False):
         self.model, self.compiled, self.compile_s = model, compile, 0.0
         self.step, self.energy, self.padded = think_step, final_energy_at, None
+        self.folded = fold_weights(model)
         self.cuda_graphs = compile and model.rope_cos.device.type == "cuda"
         if compile:  # fixed shapes on CUDA: each step is captured once and replayed
             mode = "reduce-overhead" if self.cuda_graphs else None
@@ -213,9 +226,9 @@ class Thinker:
         """The candidate stream for the token after ctx: the cache read in place (eager) or
         padded to block_size (compiled)."""
         if self.padded is None:
-            return position(self.model, ctx.kv, ctx.length)
+            return position(self.model, ctx.kv, ctx.length, folded=self.folded)
         kv, bias = self.padded(ctx)
-        return position(self.model, kv, ctx.length, bias)
+        return position(self.model, kv, ctx.length, bias, self.folded)
 
     def _run(self, fn, eager, *args):
         """fn(*args). The first calls of a compiled fn compile it (timed in compile_s); if that
