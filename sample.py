@@ -96,7 +96,8 @@ def sample(cfg: SampleConfig) -> list[dict]:
     if not cfg.sample and (cfg.topk or cfg.sample_top_p):
         decode += " (topk/sample_top_p act only with sample=true)"
     print(f"checkpoint {path} (step {ckpt.get('step', '?')}) | device {device} | vocab "
-          f"{mc.vocab_size} | {mode} | {decode} | kv_cache {cfg.kv_cache}")
+          f"{mc.vocab_size} | {mode} | {decode} | kv_cache {cfg.kv_cache}"
+          f"{' | compiled think step' if cfg.compile and thinking else ''}")
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     n_rows = cfg.num_samples  # every sample is a row of one batch

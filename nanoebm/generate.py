@@ -49,7 +49,8 @@ class GenOut:
 
 
 def repeat_context(ctx: Context, n: int) -> Context:
-    """Each row's cache repeated n times (rows b*n .. b*n+n-1 are copies of row b)."""
+    """Each row's cache repeated n times (rows b*n .. b*n+n-1 are copies of row b): n chains as
+    n rows, the straightforward layout that the batched chains of `propose` are checked against."""
     if n == 1:
         return ctx
     kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in ctx.kv]

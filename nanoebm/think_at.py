@@ -49,9 +49,9 @@ class Position:
 def fold_weights(model: EBT) -> Folded:
     D, hd = model.cfg.n_embd, model.cfg.n_embd // model.cfg.n_head
     w = torch.stack([b.attn.qkv.weight * b.ln1.weight for b in model.blocks])  # (L, 3D, D)
-    scale = torch.ones(2 * D, 1, dtype=w.dtype, device=w.device)
-    scale[:D] = 1 / math.sqrt(hd)  # on the q rows: scores q.k / sqrt(hd)
-    return Folded(qk=w[:, :2 * D] * scale, v=w[:, 2 * D:], energy=model.energy_head.weight[0] * model.ln_e.weight)
+    q, k, v = w.split(D, dim=1)  # (L, D, D) each
+    return Folded(qk=torch.cat([q / math.sqrt(hd), k], 1), v=v,
+                  energy=model.energy_head.weight[0] * model.ln_e.weight)
 
 
 def position(model: EBT, kv: list, pos: int, bias: torch.Tensor | None = None,
