@@ -117,7 +117,8 @@ def energy_grad_at(model: EBT, pos: Position, p, step: int = 0):
     H, D = model.cfg.n_head, model.cfg.n_embd
     h, r = tape.pop()
     dc = _rms_backward(h, r, pos.w_energy)  # dE/dc_L (M, D)
-    for block, (k_ctx, v_ctx), w_qkv, saved in reversed(list(zip(model.blocks, pos.kv, pos.w_qkv, tape))):
+    layers = list(zip(model.blocks, pos.kv, pos.w_qkv, tape))
+    for block, (k_ctx, v_ctx), w_qkv, saved in reversed(layers):
         h, r1, q, k, v, a, h2, r2, up, sig, act = saved
         # MLP: c_next = c2 + down(silu(gate) * up), [gate, up] = gate_up(rms(c2) * gain)
         dm = dc @ block.mlp.down.weight  # (M, hidden)
@@ -141,7 +142,7 @@ def objective_grad(model: EBT, pos: Position, z, k: int):
     cfg = model.cfg
     p = torch.softmax(z / cfg.softmax_temperature, dim=-1)  # (B, N, V)
     E, g = energy_grad_at(model, pos, p, k)
-    if cfg.entropy_weight:  # H = -sum p log(clamp(p, 1e-20)): dH/dp = -(log(clamp p) + [p >= 1e-20])
+    if cfg.entropy_weight:  # H = -sum p log(clamp(p, 1e-20)): dH/dp = -log(clamp p) - [p >= 1e-20]
         g = g + cfg.entropy_weight * (p.clamp_min(1e-20).log() + (p >= 1e-20).to(p.dtype))
     if cfg.think_grad == "logits":  # back through the softmax
         g = p * (g - (p * g).sum(-1, keepdim=True)) / cfg.softmax_temperature
@@ -212,7 +213,7 @@ class Thinker:
     compilation that fails falls back to eager with a one-line note."""
 
     def __init__(self, model: EBT, compile: bool = False):
-        self.model, self.compiled, self.compile_s = model, compile, 0.0
+        self.model, self.compiled, self.compile_s, self.warm = model, compile, 0.0, False
         self.step, self.energy, self.padded = think_step, final_energy_at, None
         self.folded = fold_weights(model)
         self.cuda_graphs = compile and model.rope_cos.device.type == "cuda"
@@ -220,7 +221,7 @@ class Thinker:
             mode = "reduce-overhead" if self.cuda_graphs else None
             self.step = torch.compile(think_step, mode=mode, fullgraph=True)
             self.energy = torch.compile(final_energy_at, mode=mode, fullgraph=True)
-            self.padded, self.warm = PaddedKV(model.cfg.block_size), False
+            self.padded = PaddedKV(model.cfg.block_size)
 
     def position(self, ctx: Context) -> Position:
         """The candidate stream for the token after ctx: the cache read in place (eager) or
@@ -248,7 +249,8 @@ class Thinker:
         if not self.warm:
             self.compile_s += time.perf_counter() - t0
         if self.cuda_graphs:  # the next replay overwrites the outputs' memory: keep copies
-            out = tuple(t.clone() if torch.is_tensor(t) else t for t in out) if isinstance(out, tuple) else out.clone()
+            keep = lambda t: t.clone() if torch.is_tensor(t) else t  # noqa: E731
+            out = tuple(map(keep, out)) if isinstance(out, tuple) else keep(out)
         return out
 
     @torch.no_grad()
@@ -260,13 +262,17 @@ class Thinker:
         model, cfg = self.model, self.model.cfg
         anchor = None
         if cfg.think_prox_weight:
-            anchor = torch.softmax(z0 / cfg.softmax_temperature, -1) if cfg.think_grad == "probs" else z0
+            probs = cfg.think_grad == "probs"
+            anchor = torch.softmax(z0 / cfg.softmax_temperature, -1) if probs else z0
         if self.compiled:  # one graph for every step: the same strides, no input aliasing another
             z0 = z0.clone(memory_format=torch.contiguous_format)
-            anchor = anchor.clone(memory_format=torch.contiguous_format) if anchor is not None else None
+            if anchor is not None:
+                anchor = anchor.clone(memory_format=torch.contiguous_format)
         out, z, E_kept = ThinkOut(z0=z0), z0, None
         for k, alpha in enumerate(step_sizes(model, steps, lr)):
-            eps = noise * torch.randn(z.shape, device=z.device, generator=generator) if noise > 0 else None
+            eps = None
+            if noise > 0:
+                eps = noise * torch.randn(z.shape, device=z.device, generator=generator)
             z, E, E_kept = self._run(self.step, think_step, model, pos, z, eps, anchor, alpha, k,
                                      accept_lower_energy)
             out.energies.append(E)

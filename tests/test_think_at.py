@@ -53,7 +53,8 @@ def test_energy_gradient_matches_autograd_on_the_full_model(kw):
     assert g.abs().max() > 1e-3
     # the same through a padded cache: unused slots hold garbage, the bias hides them
     padded = PaddedKV(BS)
-    padded(Context(kv=[(torch.randn_like(k.repeat(1, 1, 2, 1)),) * 2 for k, _ in ctx.kv], s1_logits=None))
+    longer = [(torch.randn_like(k.repeat(1, 1, 2, 1)),) * 2 for k, _ in ctx.kv]  # 14 slots
+    padded(Context(kv=longer, s1_logits=None))
     kv, bias = padded(ctx)
     E_pad, g_pad = energy_grad_at(m, position(m, kv, ctx.length, bias), p, step=1)
     assert kv[0][0].shape[2] == BS
@@ -143,7 +144,7 @@ def test_batched_best_of_n_equals_the_looped_one(accept):
     (dict(), dict(report_energy=False, n_candidates=3, think_noise=0.3), 4),  # best-of-N needs it
     (dict(), dict(report_energy=False, accept_lower_energy=True), 6),  # + one test per step...
     (dict(), dict(report_energy=True, accept_lower_energy=True), 6),   # ...which is E(z_K) too
-    (dict(step_embed=True), dict(report_energy=True, accept_lower_energy=True), 7),  # unless steps differ
+    (dict(step_embed=True), dict(report_energy=True, accept_lower_energy=True), 7),  # E(z_K): step K
 ])
 def test_final_energy_pass_runs_only_when_read(model_kw, gen_kw, per_token, monkeypatch):
     m = tiny(**model_kw)
