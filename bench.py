@@ -8,7 +8,9 @@ Measures full training steps (forward, thinking, backward, optimizer; warm-up th
 interleaved rounds), peak memory (CUDA: the allocator's peak; CPU: parameters + gradients +
 AdamW state + the peak of tensors autograd holds for backward), FLOPs per step (counted by
 torch's FlopCounterMode, double backward included) and MFU against a measured matmul peak, and
-generation tokens/s with and without the KV cache. Prints a table, writes bench.json.
+generation tokens/s with and without the KV cache, thinking generation with its think step
+compiled (gen_compile=true) and each as a multiple of a System-1 token's cost. Prints a table,
+writes bench.json.
 Ratios are what to compare: they come from one run on one (possibly busy) machine.
 """
 from __future__ import annotations
@@ -119,11 +121,18 @@ def gen_speed(cfg: BenchConfig, data, device, autocast) -> dict:
     full = data.get_batch("val", 1, cfg.gen_block_size, torch.Generator().manual_seed(0), device)[0]
     idx = full[:, :prompt_len]  # (1, prompt_len)
     res = {}
-    for name, kw in (("cache", dict(kv_cache=True)), ("nocache", dict(kv_cache=False)),
-                     ("cache_s1", dict(kv_cache=True, use_thinking=False)),  # context stream alone
-                     ("nocache_s1", dict(kv_cache=False, use_thinking=False))):
+    runs = [("cache", dict(kv_cache=True)), ("nocache", dict(kv_cache=False)),
+            ("cache_s1", dict(kv_cache=True, use_thinking=False)),  # context stream alone
+            ("nocache_s1", dict(kv_cache=False, use_thinking=False))]
+    if cfg.gen_compile:  # a short run compiles the think step; the timed run reuses the graph
         with autocast:
-            out = generate(model, idx, cfg.gen_tokens, think_steps=cfg.gen_think_steps, **kw)
+            res["compile_s"] = generate(model, idx, 2, think_steps=cfg.gen_think_steps,
+                                        report_energy=False, compile=True).compile_seconds
+        runs.append(("cache_compiled", dict(kv_cache=True, compile=True)))
+    for name, kw in runs:  # nothing reads the energies here: no final-energy pass
+        with autocast:
+            out = generate(model, idx, cfg.gen_tokens, think_steps=cfg.gen_think_steps,
+                           report_energy=False, **kw)
         res[name] = cfg.gen_tokens / out.seconds
     # the reference's way: per token, the whole window through the context AND every think step
     n, t0 = max(4, cfg.gen_tokens // 8), time.perf_counter()
@@ -186,6 +195,13 @@ def run(cfg: BenchConfig) -> dict:
         "cache_speedup_vs_naive": gen["cache"] / gen["naive"],
         "gen_tokens_per_s_s1_cache": gen["cache_s1"], "gen_tokens_per_s_s1_nocache": gen["nocache_s1"],
         "cache_speedup_s1": gen["cache_s1"] / gen["nocache_s1"],  # no thinking: the cache's own gain
+        # a thinking token's cost in System-1 tokens (cached generation both)
+        "gen_think_cost_over_s1": gen["cache_s1"] / gen["cache"],
+        **({"gen_tokens_per_s_cache_compiled": gen["cache_compiled"],
+            "gen_compile_seconds": gen["compile_s"],
+            "gen_compiled_speedup": gen["cache_compiled"] / gen["cache"],
+            "gen_think_compiled_cost_over_s1": gen["cache_s1"] / gen["cache_compiled"]}
+           if cfg.gen_compile else {}),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else
         f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": dtype, "torch": torch.__version__, "think_steps": K,
@@ -214,6 +230,13 @@ def print_table(r: dict) -> None:
           f"({r['cache_speedup']:.2f}x) | naive full recompute {r['gen_tokens_per_s_naive']:.1f} "
           f"({r['cache_speedup_vs_naive']:.1f}x) | System 1 only: {r['gen_tokens_per_s_s1_cache']:.1f} vs "
           f"{r['gen_tokens_per_s_s1_nocache']:.1f} ({r['cache_speedup_s1']:.1f}x)")
+    line = (f"thinking generation (cache): eager {r['gen_tokens_per_s_cache']:.1f} tok/s = "
+            f"{r['gen_think_cost_over_s1']:.1f}x a System-1 token")
+    if "gen_tokens_per_s_cache_compiled" in r:
+        line += (f" | compiled {r['gen_tokens_per_s_cache_compiled']:.1f} tok/s = "
+                 f"{r['gen_think_compiled_cost_over_s1']:.1f}x ({r['gen_compiled_speedup']:.2f}x "
+                 f"eager; compiling took {r['gen_compile_seconds']:.1f}s)")
+    print(line)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="bench")

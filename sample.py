@@ -5,6 +5,7 @@
     uv run python sample.py use_thinking=false                # System 1 only: the baseline LM
     uv run python sample.py sample=true sample_temp=0.9 topk=64 sample_top_p=0.95
     uv run python sample.py n_candidates=4 think_noise=0.5    # best-of-4 by final energy
+    uv run python sample.py compile=true                      # torch.compile the think step
 
 Options live in nanoebm/config.py (SampleConfig); `python sample.py --cfg job` prints them.
 """
@@ -36,7 +37,8 @@ class Printer:
 
 
 def sample(cfg: SampleConfig) -> list[dict]:
-    """Load, encode the prompt, generate num_samples continuations; print and return them."""
+    """Load, encode the prompt, generate num_samples continuations (one batch); print and
+    return them."""
     path = cfg.checkpoint or latest_checkpoint(cfg.out_dir)
     ckpt = load_checkpoint(path)
     try:
@@ -78,36 +80,42 @@ def sample(cfg: SampleConfig) -> list[dict]:
     if not cfg.sample and (cfg.topk or cfg.sample_top_p):
         decode += " (topk/sample_top_p act only with sample=true)"
     print(f"checkpoint {path} (step {ckpt.get('step', '?')}) | device {device} | vocab "
-          f"{mc.vocab_size} | {mode} | {decode} | kv_cache {cfg.kv_cache}")
+          f"{mc.vocab_size} | {mode} | {decode} | kv_cache {cfg.kv_cache}"
+          f"{' | compiled think step' if cfg.compile and thinking else ''}")
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    n_rows = cfg.num_samples  # every sample is a row of one batch
+    idx = torch.tensor([ids] * n_rows, dtype=torch.long, device=device)  # (num_samples, T)
+    printer = Printer(tok) if cfg.stream and n_rows == 1 else None
+    if printer:
+        print(tok.decode(ids), end="", flush=True)
+    out = generate(model, idx, cfg.max_new_tokens, kv_cache=cfg.kv_cache, sample=cfg.sample,
+                   sample_temp=cfg.sample_temp, topk=cfg.topk, sample_top_p=cfg.sample_top_p,
+                   generator=gen, on_token=printer, use_thinking=cfg.use_thinking,
+                   think_steps=K, think_lr=cfg.think_lr, think_noise=cfg.think_noise,
+                   accept_lower_energy=cfg.accept_lower_energy, n_candidates=cfg.n_candidates,
+                   compile=cfg.compile)
     results = []
-    for s in range(cfg.num_samples):
-        printer = Printer(tok) if cfg.stream else None
-        if printer:
-            print(tok.decode(ids), end="", flush=True)
-        out = generate(model, idx, cfg.max_new_tokens, kv_cache=cfg.kv_cache, sample=cfg.sample,
-                       sample_temp=cfg.sample_temp, topk=cfg.topk, sample_top_p=cfg.sample_top_p,
-                       generator=gen, on_token=printer, use_thinking=cfg.use_thinking,
-                       think_steps=K, think_lr=cfg.think_lr, think_noise=cfg.think_noise,
-                       accept_lower_energy=cfg.accept_lower_energy, n_candidates=cfg.n_candidates)
-        new = out.tokens[0].tolist()
+    for s in range(n_rows):
+        new = out.tokens[s].tolist()
         text = tok.decode(ids + new)
         print("" if printer else text)
         n = len(new)
         r = {"text": text, "tokens": new, "tokens_per_s": n / max(out.seconds, 1e-9),
-             "mean_think_steps": out.steps.float().mean().item() if n else 0.0}
-        line = (f"[sample {s + 1}/{cfg.num_samples}] {n} tokens in {out.seconds:.2f}s "
-                f"({r['tokens_per_s']:.1f} tok/s) | mean think steps {r['mean_think_steps']:.2f}")
+             "mean_think_steps": out.steps[s].float().mean().item() if n else 0.0}
+        line = (f"[sample {s + 1}/{n_rows}] {n} tokens in {out.seconds:.2f}s "
+                f"({r['tokens_per_s']:.1f} tok/s{' per sample' if n_rows > 1 else ''}) | "
+                f"mean think steps {r['mean_think_steps']:.2f}")
         if out.e_init is not None:
-            e0, e1 = out.e_init.mean().item(), out.e_final.mean().item()
+            e0, e1 = out.e_init[s].mean().item(), out.e_final[s].mean().item()
             r.update(energy_before=e0, energy_after=e1, mean_energy_drop=e0 - e1)
             line += f" | mean energy drop per token {e0 - e1:.4f} (E {e0:.4f} -> {e1:.4f})"
         else:
             line += " | energy drop n/a (no thinking)" if n else ""
+        if out.compile_seconds:
+            line += f" | compiling the think step took {out.compile_seconds:.1f}s of that"
         print(line)
-        if s < cfg.num_samples - 1:
+        if s < n_rows - 1:
             print("-" * 40)
         results.append(r)
     return results

@@ -209,8 +209,9 @@ class SampleConfig:
     sample_top_p: Optional[float] = None  # nucleus: smallest set with mass >= p (None = all)
     seed: int = 1337
     kv_cache: bool = True
+    compile: bool = False                # torch.compile the think step (first token compiles)
     device: str = "auto"
-    stream: bool = True                  # print tokens as they are generated
+    stream: bool = True                  # print tokens as they come (one sample; a batch prints at the end)
     tokenizer: Optional[str] = None      # None = from the checkpoint; char | gpt2 | tiktoken name
     bpe_encoding: Optional[str] = None   # tiktoken encoding for tokenizer=gpt2 (default gpt2)
 
@@ -346,6 +347,7 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"          # auto: bf16 autocast on CUDA, float32 elsewhere
     compile: bool = False        # torch.compile the context stream (as train.compile)
+    gen_compile: bool = True     # also time thinking generation with its compiled think step
     threads: int = 0             # torch CPU threads (0 = torch's default)
     out: str = "bench.json"
     seed: int = 1337

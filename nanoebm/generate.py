@@ -11,9 +11,10 @@ Without the cache (kv_cache=false) step 5 is replaced by re-running the context 
 whole window for every token (same tokens, same logits: tests check it). The reference
 implementation does even more: it also re-runs the whole prefix through every think step.
 
-Best-of-N (n_candidates=N): N chains per token, each with its own noise; each chain's final
-energy is measured and the chain with the lowest one is kept (self-verification, the paper's
-Sec. 3).
+Best-of-N (n_candidates=N): N chains per token, each with its own noise, run as one batch (N
+queries at the same position, sharing the row's cache); each chain's final energy is measured
+and the chain with the lowest one is kept (self-verification, the paper's Sec. 3). The think steps
+themselves live in nanoebm/think_at.py (eager, or compiled with compile=True).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from nanoebm.model import EBT, Context
-from nanoebm.think import initial_logits, think
+from nanoebm.think import initial_logits
+from nanoebm.think_at import Thinker
 
 
 @dataclass
@@ -43,10 +45,12 @@ class GenOut:
     e_final: torch.Tensor | None      # (B, N) energy after thinking, per token
     logits: torch.Tensor | None       # (B, N, V) candidate logits per token (keep_logits=True)
     seconds: float                    # wall time, prefill included
+    compile_seconds: float = 0.0      # of which compiling the think step (compile=True)
 
 
 def repeat_context(ctx: Context, n: int) -> Context:
-    """Each row's cache repeated n times (rows b*n .. b*n+n-1 are copies of row b)."""
+    """Each row's cache repeated n times (rows b*n .. b*n+n-1 are copies of row b): n chains as
+    n rows, the straightforward layout that the batched chains of `propose` are checked against."""
     if n == 1:
         return ctx
     kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in ctx.kv]
@@ -57,8 +61,10 @@ def repeat_context(ctx: Context, n: int) -> Context:
 def propose(model: EBT, ctx: Context, *, use_thinking: bool = True, think_steps: int | None = None,
             think_lr: float | None = None, think_noise: float = 0.0,
             accept_lower_energy: bool = False, n_candidates: int = 1,
-            generator: torch.Generator | None = None) -> Proposal:
-    """Next-token candidate logits for the last context position, after thinking."""
+            generator: torch.Generator | None = None, report_energy: bool = True,
+            thinker: Thinker | None = None) -> Proposal:
+    """Next-token candidate logits for the last context position, after thinking. The final
+    energy is computed when best-of-N needs it or report_energy asks for it."""
     cfg = model.cfg
     K = cfg.eval_think_steps if think_steps is None else think_steps
     B = ctx.kv[0][0].shape[0]
@@ -68,18 +74,21 @@ def propose(model: EBT, ctx: Context, *, use_thinking: bool = True, think_steps:
         z0 = initial_logits(model, ctx, 1, mode=mode, generator=generator)  # (B, 1, V)
         return Proposal(z0[:, -1].float(), None, None, torch.zeros(B, device=z0.device))
     N = n_candidates
-    ctx_n = repeat_context(ctx, N)
-    z0 = initial_logits(model, ctx_n, 1, generator=generator)  # (B*N, 1, V)
-    out = think(model, ctx_n, z0, K, noise=think_noise, lr=think_lr,
-                accept_lower_energy=accept_lower_energy, final_energy=True, generator=generator)
-    # a step "moved" the candidate when it changed any logit (accept_lower_energy may refuse it)
+    thinker = thinker or Thinker(model)
+    # N chains per row for the same next token: one S1 start shared, or N draws of noise/zeros
+    z0 = initial_logits(model, ctx, 1 if cfg.think_init == "s1" else N, generator=generator)
+    z0 = z0.expand(B, N, cfg.vocab_size)  # (B, N, V)
+    out = thinker.think(thinker.position(ctx), z0, K, noise=think_noise, lr=think_lr,
+                        accept_lower_energy=accept_lower_energy,
+                        final_energy=N > 1 or report_energy, generator=generator)
+    # a step "moved" a chain when it changed any logit (accept_lower_energy may refuse it)
     zs = [z0] + out.logits
-    steps = sum((b != a).any(-1)[:, -1].float() for a, b in zip(zs, zs[1:]))  # (B*N,)
-    e_final = out.final_energy[:, -1].view(B, N)  # (B, N)
-    best = e_final.argmin(1)  # (B,) lowest final energy per row wins
-    rows = torch.arange(B, device=best.device) * N + best  # (B,) indices into B*N
-    return Proposal(logits=out.final[rows, -1].float(), e_init=out.energies[0][rows, -1],
-                    e_final=e_final[torch.arange(B), best], steps=steps[rows])
+    steps = sum((b != a).any(-1).float() for a, b in zip(zs, zs[1:]))  # (B, N)
+    rows = torch.arange(B, device=z0.device)
+    best = out.final_energy.argmin(1) if N > 1 else torch.zeros_like(rows)  # lowest E wins
+    e_final = out.final_energy[rows, best] if out.final_energy is not None else None
+    return Proposal(logits=out.final[rows, best].float(), e_init=out.energies[0][rows, best],
+                    e_final=e_final, steps=steps[rows, best])
 
 
 def filter_logits(logits: torch.Tensor, topk: int | None = None,
@@ -112,11 +121,15 @@ def pick_token(logits: torch.Tensor, *, sample: bool = False, sample_temp: float
 def generate(model: EBT, idx: torch.Tensor, max_new_tokens: int, *, kv_cache: bool = True,
              sample: bool = False, sample_temp: float = 1.0, topk: int | None = None,
              sample_top_p: float | None = None, generator: torch.Generator | None = None,
-             on_token=None, keep_logits: bool = False, **think_kw) -> GenOut:
+             on_token=None, keep_logits: bool = False, report_energy: bool = True,
+             compile: bool = False, **think_kw) -> GenOut:
     """Continue idx (B, T) by max_new_tokens tokens. think_kw go to `propose` (use_thinking,
     think_steps, think_lr, think_noise, accept_lower_energy, n_candidates). on_token(ids (B,))
-    is called after every token (streaming)."""
+    is called after every token (streaming). report_energy=False skips the final-energy pass
+    where nothing else needs it (e_init/e_final are then None); compile=True runs the think
+    steps through torch.compile (the first token pays the compilation)."""
     t0 = time.time()
+    thinker = Thinker(model, compile=compile)
     bs = model.cfg.block_size
     seq = idx[:, -bs:]  # (B, T) the model never sees more than block_size tokens
     ctx = model.context(seq) if kv_cache else None  # prefill
@@ -124,13 +137,14 @@ def generate(model: EBT, idx: torch.Tensor, max_new_tokens: int, *, kv_cache: bo
     for i in range(max_new_tokens):
         if not kv_cache:  # the whole window again, every token
             ctx = model.context(seq[:, -bs:])
-        prop = propose(model, ctx, generator=generator, **think_kw)
+        prop = propose(model, ctx, generator=generator, report_energy=report_energy,
+                       thinker=thinker, **think_kw)
         tok = pick_token(prop.logits, sample=sample, sample_temp=sample_temp, topk=topk,
                          sample_top_p=sample_top_p, generator=generator)  # (B,)
         seq = torch.cat([seq, tok[:, None]], dim=1)  # (B, T+1)
         toks.append(tok)
         steps.append(prop.steps)
-        if prop.e_init is not None:
+        if prop.e_final is not None:
             e0s.append(prop.e_init)
             e1s.append(prop.e_final)
         if keep_logits:
@@ -153,7 +167,8 @@ def generate(model: EBT, idx: torch.Tensor, max_new_tokens: int, *, kv_cache: bo
     if not toks:  # max_new_tokens=0
         return GenOut(idx[:, :0], idx[:, :0].float(), None, None, None, seconds)
     return GenOut(tokens=_stack(toks), steps=_stack(steps), e_init=_stack(e0s),
-                  e_final=_stack(e1s), logits=_stack(logits), seconds=seconds)
+                  e_final=_stack(e1s), logits=_stack(logits), seconds=seconds,
+                  compile_seconds=thinker.compile_s)
 
 
 def _stack(xs: list) -> torch.Tensor | None:

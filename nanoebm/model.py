@@ -56,6 +56,15 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def rope_rows(w, cos, sin):
+    """RoPE at ONE position folded into projection weights w (..., n*hd, D_in): their output
+    rows are rotated so that x @ rope_rows(w).T == apply_rope(x @ w.T) there. cos, sin: (hd/2,)."""
+    w = w.unflatten(-2, (-1, 2, cos.shape[-1]))  # (..., n, 2, hd/2, D_in): each head's halves
+    w1, w2 = w.unbind(-3)
+    cos, sin = cos[:, None].to(w.dtype), sin[:, None].to(w.dtype)  # (hd/2, 1)
+    return torch.stack([w1 * cos - w2 * sin, w1 * sin + w2 * cos], -3).flatten(-4, -2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -25,7 +25,8 @@ def test_bench_quick_writes_every_key(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "bench.py", "quick=true", "model.n_layer=1", "model.n_head=2",
                         "model.n_embd=32", "data.block_size=16", "data.batch_size=4",
-                        "gen_block_size=40", "gen_tokens=8", "threads=1", f"out={out}"],
+                        "gen_block_size=40", "gen_tokens=8", "threads=1", "gen_compile=false",
+                        f"out={out}"],  # compiled generation: tests/test_think_at.py
                        cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]

@@ -163,3 +163,29 @@ def test_streaming_prints_as_tokens_come(capsys):
 def test_prompt_is_passed_verbatim():
     argv, _ = rewrite_argv(["prompt=a,b [c] ${x} it's \\", "--prompt='q'", "topk=3"], ("prompt",))
     assert argv == ["prompt='a,b [c] \\${x} it\\'s \\\\'", "prompt='q'", "topk=3"]
+
+
+def test_num_samples_run_as_one_batch_and_compile_reaches_generate(workdir, monkeypatch, capsys):
+    calls = []
+    real = sample_script.generate
+    monkeypatch.setattr(sample_script, "generate", lambda model, idx, *a, **kw:
+                        calls.append((tuple(idx.shape), kw["compile"])) or real(model, idx, *a, **kw))
+    cfg = SampleConfig(max_new_tokens=5, prompt="to be", stream=False, num_samples=3)
+    greedy = sample_script.sample(cfg)
+    assert calls == [((3, 5), False)]  # one generate call, one row per sample
+    assert len({tuple(r["tokens"]) for r in greedy}) == 1  # argmax: the rows agree
+    drawn = sample_script.sample(dataclasses.replace(cfg, sample=True, seed=3))
+    assert len({tuple(r["tokens"]) for r in drawn}) > 1  # each row draws its own tokens
+    out = capsys.readouterr().out
+    assert "[sample 3/3] 5 tokens" in out and "tok/s per sample" in out
+    # compile=true reaches the think step; a compiler that fails leaves one note, same tokens
+    from nanoebm import think_at
+
+    def broken(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("no compiler")
+        return run
+    monkeypatch.setattr(think_at.torch, "compile", broken)
+    comp = sample_script.sample(dataclasses.replace(cfg, num_samples=1, compile=True))
+    assert calls[-1] == ((1, 5), True) and comp[0]["tokens"] == greedy[0]["tokens"]
+    assert capsys.readouterr().out.count("note: torch.compile of the think step failed") == 1
