@@ -19,7 +19,6 @@ import os
 import platform
 import statistics
 import time
-import weakref
 
 import hydra
 import torch
@@ -31,6 +30,7 @@ from nanoebm.config import BenchConfig, apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.generate import generate
 from nanoebm.losses import ebt_loss
+from nanoebm.memory import SavedBytes, state_bytes
 from nanoebm.think import initial_logits, think
 from train import build_model
 
@@ -38,55 +38,6 @@ from train import build_model
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-class SavedBytes:
-    """Peak bytes of the storages autograd holds for backward, each storage counted once (views
-    and repeated saves share one) and parameters left out (state_bytes counts them). CPU has no
-    allocator statistics; these activations are what grows with think_steps."""
-
-    def __init__(self, params):
-        self.skip = {p.untyped_storage().data_ptr() for p in params}
-        self.live = {}  # storage pointer -> [bytes, number of saved tensors using it]
-        self.now = self.peak = 0
-
-    def pack(self, t):
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if key not in self.skip:
-            if key not in self.live:
-                self.live[key] = [st.nbytes(), 0]
-                self.now += st.nbytes()
-                self.peak = max(self.peak, self.now)
-            self.live[key][1] += 1
-        holder = _Holder(t)
-        if key not in self.skip:
-            weakref.finalize(holder, self._free, key)  # runs when autograd drops the tensor
-        return holder
-
-    @staticmethod
-    def unpack(h):
-        return h.t
-
-    def _free(self, key):
-        rec = self.live[key]
-        rec[1] -= 1
-        if rec[1] == 0:
-            self.now -= rec[0]
-            del self.live[key]
-
-
-class _Holder:
-    def __init__(self, t):
-        self.t = t
-
-
-def state_bytes(model, opt) -> int:
-    """Parameters, their gradients and the optimizer's state (AdamW: two moments)."""
-    n = sum(p.numel() * p.element_size() for p in model.parameters())
-    st = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-             if torch.is_tensor(t))
-    return 2 * n + st
 
 
 class Variant:

@@ -27,6 +27,7 @@ from nanoebm.config import TrainRunConfig, apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.evaluate import curve_metrics, thinking_curve
 from nanoebm.losses import ebt_loss
+from nanoebm.memory import fit_batch
 from nanoebm.shaping import EnergyShaping, val_energy_margin
 from nanoebm.model import EBT
 from nanoebm import runtime as rt
@@ -87,8 +88,9 @@ def train(cfg: TrainRunConfig) -> dict:
         opt.load_state_dict(resume["optimizer"])
         rt.set_rng_state(resume["rng"][min(rank, len(resume["rng"]) - 1)], data_gen)
         step = resume["step"]
+    cfg = fit_batch(cfg, model, data, device, autocast, verbose=master)  # refuse or split a batch too big
     # the sampler's record: replaying it gives every training window (evaluate.py train_seen)
-    B, T, accum = cfg.data.batch_size, cfg.data.block_size, tc.grad_accum_steps
+    B, T, accum = cfg.data.batch_size, cfg.data.block_size, cfg.train.grad_accum_steps
     sampler = continue_record(resume.get("sampler"), step) if resume is not None else []
     if sampler is not None:
         sampler.append(new_segment(data_gen, step, accum, world * B, len(data.train) - T - 1, T))
