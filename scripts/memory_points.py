@@ -111,7 +111,8 @@ def tables(res: dict) -> str:
             f"the CPU rule from the meter: {alloc_per_window(sv[1], True) / 1e6:.0f} MB",
             f"per (token x think step), K=2 minus K=0 (one step's graph alive at a time): "
             f"{(per_tok - k0) / 1e3:.0f} kB; K=0: {k0 / 1e3:.0f} kB/token; under bf16 autocast, "
-            f"K=2: {bf[2] / 2 / T / 1e3:.0f} kB/token"]
+            f"K=2: {(bf[2] - bf[1]) / T / 1e3:.0f} kB/token (B=2 minus B=1: the bf16 weight "
+            f"copies, {(2 * bf[1] - bf[2]) / 1e6:.0f} MB, are per step)"]
     fixed = 16 * fw["params"]
     for name, saved in (("fp32", sv[1]), ("bf16 autocast", bf[2] - bf[1])):
         row = alloc_per_window(saved, True)
