@@ -88,7 +88,7 @@ def train(cfg: TrainRunConfig) -> dict:
         opt.load_state_dict(resume["optimizer"])
         rt.set_rng_state(resume["rng"][min(rank, len(resume["rng"]) - 1)], data_gen)
         step = resume["step"]
-    cfg = fit_batch(cfg, model, data, device, autocast, verbose=master)  # refuse or split a batch too big
+    cfg = fit_batch(cfg, model, data, device, autocast, verbose=master)  # a batch too big: stop/split
     # the sampler's record: replaying it gives every training window (evaluate.py train_seen)
     B, T, accum = cfg.data.batch_size, cfg.data.block_size, cfg.train.grad_accum_steps
     sampler = continue_record(resume.get("sampler"), step) if resume is not None else []

@@ -103,7 +103,7 @@ def _one_step(model, x, y, autocast) -> None:
 
 def step_bytes(model, x, y, autocast) -> int:
     """Peak bytes one training step on x, y (b, T) adds beyond the weights (see module doc).
-    RNG states and gradients are left as they were."""
+    RNG states are restored and the gradients dropped (it runs before any training step)."""
     cfg, dev = model.cfg, x.device
     states = (torch.get_rng_state(), random.getstate(),
               torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
@@ -214,6 +214,8 @@ def step_estimate(model, data, T: int, device: str, autocast) -> tuple[int, int]
     gen = torch.Generator().manual_seed(0)  # its own windows: the training order is untouched
     batch = lambda b: data.get_batch("train", b, T, gen, device)  # noqa: E731
     two_points = isinstance(autocast, torch.autocast) or device.startswith("cuda")
+    if device.startswith("cuda"):  # the first step also allocates the cuBLAS workspaces for good
+        step_bytes(model, *batch(1), autocast)
     row, per_step = per_window(model, batch, autocast, two_points)
     if model.cfg.replay_buffer_size > 0:  # replay rows join every micro-batch
         row = int(row * (1 + model.cfg.replay_fraction))

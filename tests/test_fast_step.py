@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from bench import SavedBytes
+from nanoebm.memory import SavedBytes
 from nanoebm.losses import ebt_loss
 from nanoebm.model import EBT
 from tests.conftest import tiny_cfg

@@ -36,6 +36,7 @@ def test_size_presets_combine_with_experiments_and_overrides():
         compose("model=smal")
 
 
+@pytest.mark.slow  # ~20-30 s: two steps of a 201M-parameter model on one CPU thread
 def test_fineweb_small_trains_on_cpu(tmp_path):
     from train import train
     rank_file = write_ranks(tmp_path / "tiny.tiktoken", train_ranks(TEXT[:4000], 10))
