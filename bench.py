@@ -32,7 +32,7 @@ from nanoebm.config import BenchConfig, apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.generate import generate
 from nanoebm.losses import forward_backward
-from nanoebm.memory import SavedBytes
+from nanoebm.memory import SavedBytes, state_bytes
 from nanoebm.model import EBT
 from nanoebm.think import initial_logits, think
 
@@ -40,14 +40,6 @@ from nanoebm.think import initial_logits, think
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def state_bytes(model, opt) -> int:
-    """Parameters, their gradients and the optimizer's state (AdamW: two moments)."""
-    n = sum(p.numel() * p.element_size() for p in model.parameters())
-    st = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-             if torch.is_tensor(t))
-    return 2 * n + st
 
 
 class Variant:

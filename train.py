@@ -29,6 +29,7 @@ from nanoebm.coverage import continue_record, new_segment
 from nanoebm.data import load_data
 from nanoebm.evaluate import curve_metrics, thinking_curve
 from nanoebm.losses import forward_backward
+from nanoebm.memory import fit_batch
 from nanoebm.model import EBT
 from nanoebm.shaping import EnergyShaping, val_energy_margin
 
@@ -77,6 +78,8 @@ def train(cfg: TrainRunConfig) -> dict:
     # losses continue exactly. The sampler's record gets a segment per start or resume:
     # replaying it gives every window the run trained on (nanoebm/coverage.py).
     step = restore_training(resume, model, opt, data_gen, shaping, rank, device) if resume else 0
+    cfg = fit_batch(cfg, model, data, device, autocast, verbose=master)  # too big: stop or split
+    B, accum = cfg.data.batch_size, cfg.train.grad_accum_steps
     sampler = continue_record(resume.get("sampler"), step) if resume is not None else []
     if sampler is not None:
         sampler.append(new_segment(data_gen, step, accum, world * B, len(data.train) - T - 1, T))

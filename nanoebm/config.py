@@ -161,6 +161,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     grad_accum_steps: int = 1
+    auto_accum: bool = False     # batch too big for the memory: train it as micro-batches
     log_interval: int = 10
     eval_interval: int = 500
     eval_iters: int = 50

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -391,4 +392,6 @@ def test_presets_match_seed_commands():
                    "data.max_shards=10").data
     assert compose("data=fineweb_edu").data == seed
     exp = compose("experiment=fineweb_gpt2")
-    assert exp.data == seed and (exp.train.eval_interval, exp.train.eval_iters) == (1000, 50)
+    assert (exp.train.eval_interval, exp.train.eval_iters) == (1000, 50)
+    # the preset trains the same 64 windows per step as 2 accumulated micro-batches (memory)
+    assert exp.data == dataclasses.replace(seed, batch_size=32) and exp.train.grad_accum_steps == 2
