@@ -187,6 +187,7 @@ def test_record_and_baseline_errors(runs, tmp_path):
     assert "the baseline is an EBT: its System-1 CE is used" in res["notes"]
 
 
+@pytest.mark.slow
 def test_cli_writes_files(runs, tmp_path):
     import subprocess
     import sys
