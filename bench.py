@@ -28,7 +28,8 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from nanoebm import runtime as rt
-from nanoebm.config import BenchConfig, apply_cli_shims, register_configs
+from nanoebm.config import BenchConfig
+from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.generate import generate
 from nanoebm.losses import forward_backward

@@ -33,7 +33,8 @@ import hydra
 from omegaconf import OmegaConf
 
 from nanoebm import tasks
-from nanoebm.config import CompareConfig, apply_cli_shims, register_configs, rewrite_argv
+from nanoebm.config import CompareConfig
+from nanoebm.cli import apply_cli_shims, register_configs, rewrite_argv
 
 REPO = Path(__file__).resolve().parent
 

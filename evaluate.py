@@ -20,7 +20,8 @@ import hydra
 from omegaconf import OmegaConf
 
 from nanoebm import taskeval
-from nanoebm.config import EvalConfig, apply_cli_shims, register_configs
+from nanoebm.config import EvalConfig
+from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.scorecard import plot, score_checkpoint, table
 
 

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from nanoebm import runtime as rt
 from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
-from nanoebm.config import SampleConfig, apply_cli_shims, register_configs
+from nanoebm.config import SampleConfig
+from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.generate import encode_prompt, generate, resolve_tokenizer
 
 

@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 from nanoebm import runtime as rt
 from nanoebm.checkpoint import (atomic_save, carry_metrics, load_checkpoint, point_link,
                                 restore_training, resume_config)
-from nanoebm.config import TrainRunConfig, apply_cli_shims, register_configs
+from nanoebm.config import TrainRunConfig
+from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.console import Clock, eval_line, fmt_time, train_line, train_row
 from nanoebm.coverage import continue_record, new_segment
 from nanoebm.data import load_data

@@ -32,7 +32,8 @@ from omegaconf import OmegaConf
 from nanoebm import landscape as L
 from nanoebm import plots as P
 from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
-from nanoebm.config import DataConfig, VizConfig, apply_cli_shims, register_configs
+from nanoebm.config import DataConfig, VizConfig
+from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.evaluate import thinking_curve
 from nanoebm.runtime import pick_device

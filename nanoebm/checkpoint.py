@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from nanoebm.config import LEGACY_ALIASES, ModelConfig, TrainRunConfig
+from nanoebm.config import ModelConfig, TrainRunConfig
+from nanoebm.cli import LEGACY_ALIASES
 from nanoebm.model import EBT
 from nanoebm.runtime import set_rng_state
 

@@ -73,7 +73,7 @@ class ArithSpec:
     ood_digits: tuple = (5, 6)
 
 
-SPECS = {"dyck": DyckSpec, "arith": ArithSpec}
+TASK_CONFIGS = {"dyck": DyckSpec, "arith": ArithSpec}
 
 
 # ------------------------------------------------------------------------------ generators
@@ -147,9 +147,9 @@ def task_files(name: str, seed: int = DATA_SEED, cache_dir: str | None = None,
                **spec_overrides) -> dict[str, Path]:
     """{"train": Path, "ood": Path} of task `name` (dyck | arith), generated if missing.
     spec_overrides replace DyckSpec / ArithSpec fields (e.g. n_train=500)."""
-    if name not in SPECS:
-        raise ValueError(f"unknown task {name!r}: use one of {sorted(SPECS)}")
-    spec = SPECS[name](**spec_overrides)
+    if name not in TASK_CONFIGS:
+        raise ValueError(f"unknown task {name!r}: use one of {sorted(TASK_CONFIGS)}")
+    spec = TASK_CONFIGS[name](**spec_overrides)
     key = hashlib.sha1(json.dumps([VERSION, name, seed, dataclasses.asdict(spec)]).encode())
     root, tag = cache_root(cache_dir), f"{name}-seed{seed}-{key.hexdigest()[:12]}"
     paths = {s: root / f"{tag}-{s}.txt" for s in ("train", "ood")}
@@ -194,7 +194,7 @@ def determined_mask(task: str, targets: torch.Tensor, chars: list[str]) -> torch
         return closers[targets]  # (B, T)
     if task == "arith":
         return arith_mask(targets, chars)
-    raise ValueError(f"unknown task {task!r}: use one of {sorted(SPECS)}")
+    raise ValueError(f"unknown task {task!r}: use one of {sorted(TASK_CONFIGS)}")
 
 
 def arith_mask(targets: torch.Tensor, chars: list[str]) -> torch.Tensor:
@@ -233,7 +233,7 @@ def determined_positions(task: str, line: str) -> list[bool]:
     if task == "arith":
         start, end = arith_answer_span(line)
         return [start <= i <= end for i in range(len(line))]  # end: the newline, if present
-    raise ValueError(f"unknown task {task!r}: use one of {sorted(SPECS)}")
+    raise ValueError(f"unknown task {task!r}: use one of {sorted(TASK_CONFIGS)}")
 
 
 def dyck_expected(text: str) -> list[str | None]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoebm.config import ModelConfig, register_configs, rewrite_argv
+from nanoebm.config import ModelConfig
+from nanoebm.cli import register_configs, rewrite_argv
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(1)  # tiny models gain nothing from threads; avoids oversubscription

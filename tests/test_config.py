@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from nanoebm.checkpoint import model_config_from_dict
-from nanoebm.config import (DataConfig, ModelConfig, SampleConfig, TrainRunConfig, VizConfig,
-                            check_presets)
+from nanoebm.cli import check_presets
+from nanoebm.config import DataConfig, ModelConfig, SampleConfig, TrainRunConfig, VizConfig
 from tests.conftest import REPO, compose
 
 
