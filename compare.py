@@ -330,7 +330,8 @@ def main(cfg) -> None:
     plots(records, out / f"{stem}.png")
     print(f"wrote {path} and {out / f'{stem}.md'}")
     if cc.eval_sets:
-        shift_eval(cc, records, out, cc.eval_name or f"{cc.suite}_eval{tag}")
+        this_call = [r for r in records if r["seed"] in cc.seeds and r["name"] in names]
+        shift_eval(cc, this_call, out, cc.eval_name or f"{cc.suite}_eval{tag}")
 
 
 if __name__ == "__main__":
