@@ -251,6 +251,7 @@ def plots(records: list[dict], path: Path) -> None:
 def shift_eval(cc: CompareConfig, records: list[dict], out: Path, name: str) -> None:
     """evaluate.py's sets on every thinking run, with the plain transformer (trained_k 0) of the
     same seed as the reference; cached per run folder, combined into results/<name>.*"""
+    from nanoebm.checkpoint import atomic_write_text
     from nanoebm.config import EvalConfig
     from nanoebm.diagnose import report
     from nanoebm.scorecard import plot, score_checkpoint, table
@@ -274,11 +275,9 @@ def shift_eval(cc: CompareConfig, records: list[dict], out: Path, name: str) -> 
         md += [f"## {label}", "", table(res), ""]
         if res.get("diagnose"):
             md += [f"### diagnostics, {label}", "", report(res["diagnose"]), ""]
-    tmp = out / f"{name}.json.tmp"
-    tmp.write_text(json.dumps([{"run": lab, **{k: v for k, v in res.items() if k != "key"}}
-                               for lab, res in results], indent=1))
-    tmp.replace(out / f"{name}.json")
-    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out / f"{name}.json", json.dumps(
+        [{"run": lab, **{k: v for k, v in res.items() if k != "key"}} for lab, res in results], indent=1))
+    atomic_write_text(out / f"{name}.md", "\n".join(md) + "\n")
     plot(results, out / f"{name}.png")
     print("\n".join(md))
     print(f"wrote {out / name}.json, .md, .png")

@@ -13,22 +13,16 @@ Options live in nanoebm/config.py (EvalConfig).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import hydra
 from omegaconf import OmegaConf
 
 from nanoebm import taskeval
+from nanoebm.checkpoint import atomic_write_text
 from nanoebm.config import EvalConfig
 from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.scorecard import plot, score_checkpoint, table
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -39,13 +33,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out_dir) if cfg.out_dir else path.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     md = table(res) + (f"\n\n{taskeval.table(res)}" if "task" in res else "")
-    write_atomic(out / "eval.json", json.dumps(res, indent=1))
-    write_atomic(out / "eval.md", md + "\n")
+    atomic_write_text(out / "eval.json", json.dumps(res, indent=1))
+    atomic_write_text(out / "eval.md", md + "\n")
     plot([("", res)], out / "eval.png")
     if diag is not None:
         from nanoebm.diagnose import report
-        write_atomic(out / "diagnose.json", json.dumps(diag, indent=1))
-        write_atomic(out / "diagnose.md", report(diag) + "\n")
+        atomic_write_text(out / "diagnose.json", json.dumps(diag, indent=1))
+        atomic_write_text(out / "diagnose.md", report(diag) + "\n")
     print(md)
     print(f"wrote {out / 'eval.json'}, eval.md, eval.png" + (", diagnose.json, diagnose.md" if diag else ""))
     return {"out_dir": str(out), **res, "diagnose": diag}

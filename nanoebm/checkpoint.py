@@ -34,6 +34,17 @@ def atomic_save(obj, path: str | Path) -> None:
             tmp.unlink()
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """atomic_save for text files (results, generated data): readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def point_link(link: Path, target: Path) -> None:
     """Atomically make `link` a relative symlink to `target` (a copy where symlinks fail)."""
     tmp = link.with_name(f".{link.name}.lnk{os.getpid()}")

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from nanoebm.checkpoint import atomic_write_text
 from nanoebm.tokenizer import resolve_path
 
 VERSION = 1          # bump when the generator changes: new cache keys, new files
@@ -134,15 +135,6 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanoebm" / "tasks"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)  # readers never see half a file; racing writers write equal bytes
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def task_files(name: str, seed: int = DATA_SEED, cache_dir: str | None = None,
                **spec_overrides) -> dict[str, Path]:
     """{"train": Path, "ood": Path} of task `name` (dyck | arith), generated if missing.
@@ -166,7 +158,7 @@ def task_files(name: str, seed: int = DATA_SEED, cache_dir: str | None = None,
         raise ValueError(f"{name}: the train split lacks characters of the OOD split "
                          f"{sorted(missing)!r}: raise n_train")
     for s in ("ood", "train"):  # train last: its presence marks a complete pair
-        write_atomic(paths[s], texts[s])
+        atomic_write_text(paths[s], texts[s])
     return paths
 
 
