@@ -62,6 +62,18 @@ class ModelConfig:
     think_improve_weight: float = 0.0  # + w * mean_t relu(CE_{k+1,t} - CE_{k,t}): no step may hurt
     aux_ce_weight: float = 1.0   # weight of the CE on the System-1 logits
 
+    # -- training the energy off the descent path, training only (nanoebm/offpath.py)
+    think_start_scale: float = 1.0   # s_max: z_0 = s*z_S1 + sigma*eps, s ~ logU[1/s_max, s_max]
+    think_start_noise: float = 0.0   # sigma_max: sigma ~ U[0, sigma_max] per position
+    think_mixed_starts: float = 0.0  # fraction of rows whose think path starts from noise
+    think_free_steps: int = 0        # n_max: n ~ U{0..n_max} graph-free steps before the trained ones
+    value_align_weight: float = 0.0  # + w * listwise CE(softmax(-E/tau), softmax(-CE/tau))
+    value_align_tau: float = 1.0
+    residual_nce_weight: float = 0.0  # + w * CE(log p_S1 - E(onehot)) over top-k S1 + target
+    residual_nce_topk: int = 8
+    crossfit_every: int = 0          # every n-th chunk is split B: S1 CE on A, think loss on B
+    crossfit_chunk: int = 1000       # tokens per cross-fitting chunk
+
     # -- energy shaping and replay, training only (nanoebm/shaping.py)
     use_contrastive: bool = False  # + contrastive_weight * L_cd
     contrastive_type: str = "cd"  # where negative chains start: cd | pcd | fast_pcd
@@ -103,7 +115,38 @@ class ModelConfig:
             (0 < self.replay_fraction <= 1, "model.replay_fraction must be in (0, 1]"),
             (self.replay_buffer_size == 0 or self.think_steps > 0,
              "model.replay_buffer_size needs model.think_steps > 0 (replay restarts thinking)"),
-        ])
+        ] + self._offpath_rules())
+
+    def _offpath_rules(self) -> list[tuple[bool, str]]:
+        """The off-path options: valid ranges, and each needs the think path it changes."""
+        on = [n for n, off in [("think_start_scale", 1.0), ("think_start_noise", 0.0),
+                               ("think_mixed_starts", 0.0), ("think_free_steps", 0),
+                               ("value_align_weight", 0.0), ("residual_nce_weight", 0.0),
+                               ("crossfit_every", 0)] if getattr(self, n) != off]
+        s1_start = self.think_init == "s1"
+        return [
+            (self.think_start_scale >= 1, "model.think_start_scale is s_max >= 1 (1 = off)"),
+            (self.think_start_noise >= 0 and self.think_free_steps >= 0,
+             "model.think_start_noise and model.think_free_steps must be >= 0"),
+            (0 <= self.think_mixed_starts <= 1, "model.think_mixed_starts must be in [0, 1]"),
+            (self.value_align_weight >= 0 and self.residual_nce_weight >= 0 and self.value_align_tau > 0,
+             "model.value_align_weight, model.residual_nce_weight >= 0 and model.value_align_tau > 0"),
+            (self.residual_nce_topk >= 1, "model.residual_nce_topk must be >= 1"),
+            (self.crossfit_every in (0,) or self.crossfit_every >= 2,
+             "model.crossfit_every: 0 (off) or n >= 2 (every n-th chunk is split B)"),
+            (self.crossfit_chunk >= 1, "model.crossfit_chunk must be >= 1"),
+            (not on or self.think_steps > 0,
+             f"model.{on[0] if on else ''} changes the think path: it needs model.think_steps > 0"),
+            (s1_start or (self.think_start_scale == 1 and self.think_start_noise == 0
+                          and self.think_mixed_starts == 0 and self.crossfit_every == 0),
+             "model.think_start_*, think_mixed_starts and crossfit_every change the System-1 start: "
+             "they need model.think_init=s1"),
+            (self.residual_nce_weight == self.value_align_weight == 0 or self.aux_ce_weight > 0
+             or s1_start, "model.value_align_weight and model.residual_nce_weight rank S1's "
+             "candidates: they need the S1 head (model.think_init=s1 or aux_ce_weight > 0)"),
+            (self.crossfit_every == 0 or (not self.use_contrastive and self.replay_buffer_size == 0),
+             "model.crossfit_every cannot be combined with use_contrastive or replay_buffer_size"),
+        ]
 
     @property
     def eval_think_steps(self) -> int:

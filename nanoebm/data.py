@@ -57,10 +57,12 @@ class TokenData:
         return self.tokenizer.meta
 
     def get_batch(self, split: str, batch_size: int, block_size: int,
-                  generator: torch.Generator, device="cpu", rank: int = 0, world: int = 1):
+                  generator: torch.Generator, device="cpu", rank: int = 0, world: int = 1,
+                  with_starts: bool = False):
         """Random windows: x = ids[i:i+T], y = ids[i+1:i+T+1], each (B, T) int64. Under DDP
         every rank draws the same global batch of world * B windows (same generator seed) and
-        keeps rows rank*B..(rank+1)*B: N ranks compute exactly one process's world*B batch."""
+        keeps rows rank*B..(rank+1)*B: N ranks compute exactly one process's world*B batch.
+        with_starts: also return the window starts i (B,) on the CPU (cross-fitting)."""
         data = self.train if split == "train" else self.val
         starts = torch.randint(len(data) - block_size - 1, (world * batch_size,), generator=generator)
         starts = starts[rank * batch_size:(rank + 1) * batch_size]  # (B,) this rank's rows
@@ -68,8 +70,10 @@ class TokenData:
         y = np.stack([data[i + 1:i + 1 + block_size] for i in starts.tolist()]).astype(np.int64)
         x, y = torch.from_numpy(x), torch.from_numpy(y)  # (B, T) each
         if torch.device(device).type == "cuda":  # async host->device copies
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        else:
+            x, y = x.to(device), y.to(device)
+        return (x, y, starts) if with_starts else (x, y)
 
 
 def load_char_text(path: Path, val_fraction: float) -> TokenData:
