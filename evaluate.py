@@ -33,6 +33,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out_dir) if cfg.out_dir else path.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     md = table(res) + (f"\n\n{taskeval.table(res)}" if "task" in res else "")
+    if "probes" in res:
+        from nanoebm.startprobe import report as probe_report
+        md += f"\n\n{probe_report(res['probes'])} on {res['probes']['set']}"
     atomic_write_text(out / "eval.json", json.dumps(res, indent=1))
     atomic_write_text(out / "eval.md", md + "\n")
     plot([("", res)], out / "eval.png")

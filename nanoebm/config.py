@@ -317,6 +317,7 @@ class EvalConfig:
     bootstrap: int = 1000                # resamples of windows for the 95% intervals
     seed: int = 2024                     # corruption, chain noise, bootstrap
     diagnose: bool = False               # also write diagnose.{json,md} (nanoebm/diagnose.py)
+    probes: bool = False                 # + start probes on the first set (nanoebm/startprobe.py)
     rerank_topk: int = 64                # verifier rerank over S1's top-k (BPE vocabularies)
     task_lines: int = 100                # addition tasks: answers decoded per split (exact match)
     device: str = "auto"

@@ -180,6 +180,10 @@ def score_checkpoint(cfg: EvalConfig) -> dict:
     res["shift"] = shift_axis(rows)
     if task is not None:
         res["task"] = task_metrics(task, model, tok, sets, raw, K, cfg, ck, device)
+    if cfg.probes:  # where the landscape sends over- and under-sharp starts, and noise
+        from nanoebm.startprobe import start_probes
+        es = sets[0]
+        res["probes"] = {"set": es.name, **start_probes(model, es.x, es.y, es.mask, steps, **kw)}
     diag = diagnostics(model, sets, K, cfg, device, tok, ck) if cfg.diagnose else None
     res["diagnose"] = diag
     return res
