@@ -299,11 +299,11 @@ def eval_items(cc: CompareConfig, records: list[dict]) -> list[dict]:
                         baseline=str(Path(base[r["seed"]]) / "final.pt") if r["seed"] in base else None,
                         windows=cc.eval_windows, bon=cc.n_candidates, think_noise=cc.think_noise,
                         seed=cc.eval_seed, diagnose=cc.diagnose, steps=max(cc.eval_steps))
-        for name, over in [(r["name"], {}), *variants.items()]:
-            e = dataclasses.asdict(dataclasses.replace(ec, **over))
-            cache = Path(r["run_dir"]) / ("shift_eval.json" if not over else f"shift_eval_{name}.json")
+        for name, over in [(r["name"], None), *variants.items()]:
+            e = dataclasses.asdict(dataclasses.replace(ec, **(over or {})))
+            cache = Path(r["run_dir"]) / ("shift_eval.json" if over is None else f"shift_eval_{name}.json")
             items.append({"name": name, "seed": r["seed"], "record": r,
-                          "variant": {"run": r["name"], "eval": over} if over else None,
+                          "variant": None if over is None else {"run": r["name"], "eval": over},
                           "job": {"eval": e, "key": json.dumps(e, sort_keys=True), "cache": str(cache),
                                   "threads": max(1, cc.threads)}})
     return items
