@@ -8,7 +8,7 @@ imports Hydra: code receives plain dataclasses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 def _check(rules: list[tuple[bool, str]]) -> None:
@@ -290,9 +290,28 @@ class CompareConfig:
     eval_windows: int = 512
     eval_name: Optional[str] = None  # None = <suite>_eval (+ _<scale> off the cpu scale)
     diagnose: bool = False       # also the diagnostics of every thinking run
-    jobs: int = 1                # runs trained in parallel (processes)
+    jobs: int = 1                # runs trained, then scored on eval_sets, in parallel (processes)
     threads: int = 1             # torch threads per run
     out_dir: str = "results"
+    # runs: one table per thinking run; recipes: <eval_name>.* is one row per run name (mean over
+    # seeds) and the per-run tables go to <eval_name>_runs.*
+    eval_table: str = "runs"
+    # inference-only rows scored on eval_sets: name -> {run: <a name in runs>, eval: {EvalConfig
+    # field: value}}: that run's checkpoint (every seed) scored with those fields set
+    eval_variants: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check(_choices(self, "", {"eval_table": ("runs", "recipes")}))
+        valid = sorted(EvalConfig.__dataclass_fields__)
+        for name, v in self.eval_variants.items():
+            where = f"eval_variants.{name}"
+            _check([(isinstance(v, dict) and set(v) == {"run", "eval"} and isinstance(v["eval"], dict),
+                     f"{where} must be {{run: <a run of the suite>, eval: {{<EvalConfig field>: value}}}}")])
+            _check([(v["run"] in self.runs, f"{where}: run {v['run']!r} is not in suite {self.suite}: "
+                     f"choose one of {', '.join(self.runs)}"),
+                    (name not in self.runs, f"{where}: {name} is a run of the suite already: rename it")]
+                   + [(k in valid, f"{where}: unknown EvalConfig field {k!r}: choose from {', '.join(valid)}")
+                      for k in v["eval"]])
 
 
 @dataclass

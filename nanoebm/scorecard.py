@@ -3,8 +3,9 @@
 For each set (nanoebm/shift.py) the thinking curve at k = 0..steps on fixed windows (paired), the
 System-1 CE, best-of-N, energies, the gain from thinking with a paired bootstrap interval, and
 the CE of a reference model (a plain-transformer `baseline`, or the EBT's own System 1) that
-places the set on the shift axis r = exp(CE_ref(set) - CE_ref(val)). Structured tasks add
-determined-vs-free metrics (nanoebm/taskeval.py); diagnose=true adds nanoebm/diagnose.py.
+places the set on the shift axis r = exp(CE_ref(set) - CE_ref(val)), and the verifier check
+Spearman(E(z_K), CE(z_K)) over positions (the chain's own energies: no extra pass). Structured
+tasks add determined-vs-free metrics (nanoebm/taskeval.py); diagnose=true adds nanoebm/diagnose.py.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from nanoebm import runtime as rt, taskeval, tasks
 from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from nanoebm.config import DataConfig, EvalConfig
+from nanoebm.diagnose import spearman
 from nanoebm.evaluate import masked_mean, paired_bootstrap, score_windows
 from nanoebm.generate import resolve_tokenizer
 from nanoebm.shift import builtin_sets, check_set_names, text_set
@@ -77,10 +79,25 @@ def summarise(es, r: dict, base_ce, K: int, cfg: EvalConfig, ln2: float) -> dict
         s["gain"], s["gain_ci"] = g[0], list(g[1:])
         s["step_delta"] = [paired_bootstrap(r["ce_k"][..., k] - r["ce_k"][..., k - 1], m,
                                             cfg.bootstrap, cfg.seed) for k in range(1, len(ce_k))]
+        # does the energy rank the candidates it ends at? E(z_K) was computed by the chain itself
+        # (as diagnose.py's final energy: the same step index K), so this costs nothing
+        s["spearman_E_ce"] = spearman(r["energy_k"][..., K][m.bool()], r["ce_k"][..., K][m.bool()])
     s["ref_ce"] = masked_mean(base_ce, m)  # the shift axis' CE on this set
     gap = paired_bootstrap(r["ce_k"][..., K] - base_ce, m, cfg.bootstrap, cfg.seed)
     s["gap"], s["gap_ci"] = gap[0], list(gap[1:])
     return s
+
+
+def ls_slope(pts: list) -> float:
+    """Least-squares slope of y on x through points [(x, y), ...] (at least two)."""
+    xs, ys = torch.tensor(pts, dtype=torch.float64).T
+    xc = xs - xs.mean()
+    return ((xc * (ys - ys.mean())).sum() / (xc * xc).sum().clamp_min(1e-12)).item()
+
+
+def graded(names) -> list:
+    """The sets of the graded shift axis: val and the corruption levels."""
+    return [k for k in names if k == "val" or k.startswith("corrupt_")]
 
 
 def shift_axis(rows: dict) -> dict:
@@ -92,13 +109,10 @@ def shift_axis(rows: dict) -> dict:
         s["ln_r"] = s["ref_ce"] - rows["val"]["ref_ce"]
         s["r"] = math.exp(s["ln_r"])
     out = {}
-    for name, keys in (("graded", [k for k in rows if k == "val" or k.startswith("corrupt_")]),
-                       ("all", list(rows))):
+    for name, keys in (("graded", graded(rows)), ("all", list(rows))):
         pts = [(rows[k]["ln_r"], rows[k]["gain"]) for k in keys if "gain" in rows[k]]
         if len(pts) >= 2:
-            xs, ys = torch.tensor(pts, dtype=torch.float64).T
-            xc = xs - xs.mean()
-            out[f"slope_{name}"] = ((xc * (ys - ys.mean())).sum() / (xc * xc).sum().clamp_min(1e-12)).item()
+            out[f"slope_{name}"] = ls_slope(pts)
             out[f"slope_{name}_sets"] = keys
     return out
 
@@ -195,14 +209,15 @@ def table(res: dict) -> str:
     steps = res["steps"]
     ks = sorted({0, 1, 2, res["trained_k"], steps} & set(range(steps + 1)))
     head = ["set", "positions", "r"] + [f"CE k={k}" for k in ks] + \
-        ["S1", "best-of-N", f"gain k=0→{res['trained_k']} [95% CI]", "EBT − ref"]
+        ["S1", "best-of-N", f"gain k=0→{res['trained_k']} [95% CI]", "EBT − ref", "Spearman(E, CE)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     f = lambda v: f"{v:.4f}" if isinstance(v, float) else "–"  # noqa: E731
     for name, s in res["sets"].items():
         gain = f"{s['gain']:+.4f} [{s['gain_ci'][0]:+.4f}, {s['gain_ci'][1]:+.4f}]" if "gain" in s else "–"
         lines.append("| " + " | ".join([name, str(s["n_positions"]), f(s.get("r"))] +
                                        [f(s["ce_k"][k]) for k in ks] + [f(s.get("ce_s1")), f(s.get("ce_bon")),
-                                        gain, f"{s['gap']:+.4f}" if "gap" in s else "–"]) + " |")
+                                        gain, f"{s['gap']:+.4f}" if "gap" in s else "–",
+                                        f"{s['spearman_E_ce']:+.3f}" if "spearman_E_ce" in s else "–"]) + " |")
     notes = [f"- {n}: {s['note']}" for n, s in res["sets"].items() if s["note"]] + \
         [f"- {n}" for n in res["notes"]]
     ax = res["shift"]
@@ -235,10 +250,10 @@ def plot(results: list, path: Path) -> None:
             if len(results) == 1:
                 ax[1].annotate(name, (x, g), fontsize=7, xytext=(3, 3), textcoords="offset points")
         slope = res.get("shift", {}).get("slope_graded")
-        graded = [(x, g) for x, g, _, n in pts if n == "val" or n.startswith("corrupt_")]
-        if slope is not None and graded:
-            xs = [x for x, _ in graded]
-            x0, y0 = sum(xs) / len(xs), sum(g for _, g in graded) / len(graded)
+        on_axis = [(x, g) for x, g, _, n in pts if n in graded([n])]
+        if slope is not None and on_axis:
+            xs = [x for x, _ in on_axis]
+            x0, y0 = sum(xs) / len(xs), sum(g for _, g in on_axis) / len(on_axis)
             ax[1].plot([min(xs), max(xs)], [y0 + slope * (min(xs) - x0), y0 + slope * (max(xs) - x0)],
                        color=cmap(i % 10), lw=1, label=f"{label} slope {slope:+.3f}".strip())
     K = results[0][1]["trained_k"]
