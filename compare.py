@@ -265,6 +265,17 @@ def eval_one(job: dict) -> dict:
     return json.loads(text)  # as a later call reads it from the cache
 
 
+def cache_key(key: str | None) -> str | None:
+    """An eval cache key (JSON of EvalConfig's fields) without the fields at their defaults,
+    so that adding an option to EvalConfig leaves the caches written before it valid."""
+    from nanoebm.config import EvalConfig
+    if key is None:
+        return None
+    default = dataclasses.asdict(EvalConfig())
+    return json.dumps({k: v for k, v in json.loads(key).items() if k not in default or v != default[k]},
+                      sort_keys=True)
+
+
 def score_evals(jobs: list[dict], workers: int) -> list[dict]:
     """Every job's result: read from its cache when the key matches (no process started),
     the rest scored over `workers` processes."""
@@ -272,7 +283,7 @@ def score_evals(jobs: list[dict], workers: int) -> list[dict]:
     for j in jobs:
         c = Path(j["cache"])
         r = json.loads(c.read_text()) if c.exists() else {}
-        res.append(r if r.get("key") == j["key"] else None)
+        res.append(r if cache_key(r.get("key")) == cache_key(j["key"]) else None)
     todo = [i for i, r in enumerate(res) if r is None]
     if todo:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn")) as ex:

@@ -209,3 +209,15 @@ def test_compare_writes_the_recipe_table_and_variant_rows(tmp_path):
     assert {x["name"] for x in json.loads((tmp_path / "compare_train.json").read_text())} == {"baseline", "ebt"}
     assert "| v3 | 1 | 2 |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").stat().st_size > 5000 and (tmp_path / "compare_runs.png").exists()
+
+
+def test_cache_key_survives_a_new_eval_option_but_not_a_changed_one():
+    import dataclasses
+    import json
+    from compare import cache_key
+    from nanoebm.config import EvalConfig
+    new = dataclasses.asdict(EvalConfig(checkpoint="a/final.pt"))
+    old = {k: v for k, v in new.items() if k != "probes"}  # written before `probes` existed
+    assert cache_key(json.dumps(old)) == cache_key(json.dumps(new, sort_keys=True))
+    assert cache_key(json.dumps({**old, "windows": 7})) != cache_key(json.dumps(new))
+    assert cache_key(json.dumps({**new, "probes": True})) != cache_key(json.dumps(new))
