@@ -35,6 +35,7 @@ class ModelConfig:
     dropout: float = 0.1
     tie_candidate_embedding: bool = False  # candidate embedding p @ W: W = input embedding
     step_embed: bool = False     # learned per-think-step embedding added to the candidate stream
+    step_adaln: bool = False     # AdaLN: per-think-step scale/shift after the candidate stream's norms
 
     # -- thinking: z <- z - alpha * dJ/d(.) for think_steps steps (nanoebm/think.py)
     think_steps: int = 2         # K; 0 = the plain transformer baseline (no energy at all)

@@ -7,7 +7,8 @@ can do much less than `think` in general:
   * N chains (best-of-N) share their row's cache: they are N queries at the same position,
   * first order only, and dE/dp is written out by hand (`energy_grad_at`): at one position a
     step is a few hundred tiny ops, and autograd's bookkeeping per op would cost more than the
-    arithmetic. Nothing is kept between steps,
+    arithmetic. Nothing is kept between steps. With step_adaln the norms' per-step affine map
+    (gain, then scale and shift) is applied to the activations and differentiated there,
   * the final energy E(z_K) is computed only when a caller reads it (and comes free with
     accept_lower_energy, whose last test already measured it).
 `Thinker(model, compile=True)` runs the same step through torch.compile. The context is then
@@ -24,14 +25,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanoebm.model import EBT, Context, at_least_f32, rope_rows
+from nanoebm.model import EBT, Context, at_least_f32, modulate, rope_rows
 from nanoebm.think import ThinkOut
 
 
 @dataclass
 class Folded:
     """The weights a one-position step reads, with every fixed linear map in front of them
-    folded in: the RMSNorm gains, the score scale 1/sqrt(hd). Once per generation."""
+    folded in: the RMSNorm gains (not ln1's under step_adaln: the step's scale and shift follow
+    it), the score scale 1/sqrt(hd). Once per generation."""
     qk: torch.Tensor              # (n_layer, 2D, D): the q and k rows of qkv
     v: torch.Tensor               # (n_layer, D, D): the v rows
     energy: torch.Tensor          # (D,): the energy head
@@ -48,7 +50,9 @@ class Position:
 
 def fold_weights(model: EBT) -> Folded:
     D, hd = model.cfg.n_embd, model.cfg.n_embd // model.cfg.n_head
-    w = torch.stack([b.attn.qkv.weight * b.ln1.weight for b in model.blocks])  # (L, 3D, D)
+    w = torch.stack([b.attn.qkv.weight for b in model.blocks])  # (L, 3D, D)
+    if model.adaln is None:  # under AdaLN ln1's gain is applied with the step's scale instead
+        w = w * torch.stack([b.ln1.weight for b in model.blocks])[:, None]  # (L, 1, D) gains
     q, k, v = w.split(D, dim=1)  # (L, D, D) each
     return Folded(qk=torch.cat([q / math.sqrt(hd), k], 1), v=v,
                   energy=model.energy_head.weight[0] * model.ln_e.weight)
@@ -85,9 +89,11 @@ def energy_at(model: EBT, pos: Position, p, step: int = 0, tape: list | None = N
     c = p.reshape(B * N, V).to(W.dtype) @ W  # (M, D)
     if model.step_emb is not None:
         c = c + model.step_emb.weight[min(step, model.step_emb.num_embeddings - 1)]
-    for block, (k_ctx, v_ctx), w_qkv in zip(model.blocks, pos.kv, pos.w_qkv):
+    mods = model.step_modulation(step)  # (L, 4, D) or None
+    for i, (block, (k_ctx, v_ctx), w_qkv) in enumerate(zip(model.blocks, pos.kv, pos.w_qkv)):
         h, r1 = _rms(c, block.ln1.eps)
-        q, k, v = (h @ w_qkv.t()).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (B,H,N,hd)
+        x = h if mods is None else modulate(h * block.ln1.weight, mods[i, 0], mods[i, 1])
+        q, k, v = (x @ w_qkv.t()).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (B,H,N,hd)
         s_ctx = q @ k_ctx.transpose(-2, -1)  # (B, H, N, T)
         if pos.bias is not None:
             s_ctx = s_ctx + pos.bias
@@ -96,7 +102,9 @@ def energy_at(model: EBT, pos: Position, p, step: int = 0, tape: list | None = N
         y = a[..., :-1] @ v_ctx + a[..., -1:] * v  # (B, H, N, hd)
         c2 = c + block.attn.proj(y.transpose(1, 2).reshape(B * N, D))  # (M, D)
         h2, r2 = _rms(c2, block.ln2.eps)
-        gate, up = block.mlp.gate_up(h2 * block.ln2.weight).chunk(2, dim=-1)  # (M, hidden)
+        x2 = h2 * block.ln2.weight
+        x2 = x2 if mods is None else modulate(x2, mods[i, 2], mods[i, 3])
+        gate, up = block.mlp.gate_up(x2).chunk(2, dim=-1)  # (M, hidden)
         sig = torch.sigmoid(gate)
         act = gate * sig  # silu
         if tape is not None:
@@ -117,14 +125,20 @@ def energy_grad_at(model: EBT, pos: Position, p, step: int = 0):
     H, D = model.cfg.n_head, model.cfg.n_embd
     h, r = tape.pop()
     dc = _rms_backward(h, r, pos.w_energy)  # dE/dc_L (M, D)
-    layers = list(zip(model.blocks, pos.kv, pos.w_qkv, tape))
-    for block, (k_ctx, v_ctx), w_qkv, saved in reversed(layers):
+    mods = model.step_modulation(step)  # (L, 4, D) or None
+    # the factor each norm's output is multiplied by: the gain (ln1's is folded into w_qkv
+    # without AdaLN), times 1 + scale with it; the shifts are constants and drop out
+    gains = [(None, b.ln2.weight) if mods is None else
+             (b.ln1.weight * (1 + mods[i, 0]), b.ln2.weight * (1 + mods[i, 2]))
+             for i, b in enumerate(model.blocks)]
+    layers = list(zip(model.blocks, pos.kv, pos.w_qkv, tape, gains))
+    for block, (k_ctx, v_ctx), w_qkv, saved, (gain1, gain2) in reversed(layers):
         h, r1, q, k, v, a, h2, r2, up, sig, act = saved
-        # MLP: c_next = c2 + down(silu(gate) * up), [gate, up] = gate_up(rms(c2) * gain)
+        # MLP: c_next = c2 + down(silu(gate) * up), [gate, up] = gate_up(rms(c2) * gain2 + shift)
         dm = dc @ block.mlp.down.weight  # (M, hidden)
         dgate = dm * up * (sig + act * (1 - sig))  # silu'(x) = s(x) + x s(x) (1 - s(x))
         dh2 = torch.cat([dgate, dm * act], -1) @ block.mlp.gate_up.weight  # (M, D)
-        dc2 = dc + _rms_backward(h2, r2, dh2 * block.ln2.weight)
+        dc2 = dc + _rms_backward(h2, r2, dh2 * gain2)
         # attention: c2 = c + proj(y), y = a_ctx @ v_ctx + a_self * v, a = softmax([q.k_ctx, q.k])
         dy = (dc2 @ block.attn.proj.weight).view(B, N, H, D // H).transpose(1, 2)  # (B,H,N,hd)
         da = torch.cat([dy @ v_ctx.transpose(-2, -1), (dy * v).sum(-1, keepdim=True)], -1)
@@ -132,7 +146,7 @@ def energy_grad_at(model: EBT, pos: Position, p, step: int = 0):
         dq = ds[..., :-1] @ k_ctx + ds[..., -1:] * k  # (B, H, N, hd)
         dqkv = torch.stack([dq, ds[..., -1:] * q, a[..., -1:] * dy]).permute(1, 3, 0, 2, 4)
         dh = dqkv.reshape(B * N, 3 * D) @ w_qkv  # (M, D)
-        dc = dc2 + _rms_backward(h, r1, dh)
+        dc = dc2 + _rms_backward(h, r1, dh if gain1 is None else dh * gain1)
     return E, (dc @ model.cand_weight.t().to(dc.dtype)).view(B, N, V)
 
 
@@ -278,7 +292,7 @@ class Thinker:
             out.energies.append(E)
             out.logits.append(z)
         if final_energy:  # accept_lower_energy measured E(z_K) already (same step conditioning)
-            reuse = E_kept is not None and model.step_emb is None
+            reuse = E_kept is not None and not model.step_conditioned
             out.final_energy = E_kept if reuse else self._run(self.energy, final_energy_at, model,
                                                               pos, z, steps)
         self.warm = self.compiled
