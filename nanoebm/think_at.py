@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoebm.model import EBT, Context, at_least_f32, modulate, rope_rows
-from nanoebm.think import ThinkOut
+from nanoebm.think import ThinkOut, without_sharpening
 
 
 @dataclass
@@ -179,7 +179,10 @@ def think_step(model: EBT, pos: Position, z, eps, anchor, alpha, k: int, accept:
     if cfg.think_max_move > 0:
         bound = cfg.think_max_move / alpha
         g = torch.maximum(torch.minimum(g, bound), -bound)
-    z_next = base - alpha * g
+    move = alpha * g
+    if cfg.think_neutral:
+        move = without_sharpening(move, base)
+    z_next = base - move
     if not accept:
         return z_next, E, None
     E_next = energy_at(model, pos, torch.softmax(z_next / cfg.softmax_temperature, -1), k)
