@@ -7,8 +7,8 @@ can do much less than `think` in general:
   * N chains (best-of-N) share their row's cache: they are N queries at the same position,
   * first order only, and dE/dp is written out by hand (`energy_grad_at`): at one position a
     step is a few hundred tiny ops, and autograd's bookkeeping per op would cost more than the
-    arithmetic. Nothing is kept between steps. With step_adaln the norms' per-step affine map
-    (gain, then scale and shift) is applied to the activations and differentiated there,
+    arithmetic. Nothing is kept between steps. Under step_adaln each norm's gain and the step's
+    scale are one factor per step, folded once per generation like the gains,
   * the final energy E(z_K) is computed only when a caller reads it (and comes free with
     accept_lower_energy, whose last test already measured it).
 `Thinker(model, compile=True)` runs the same step through torch.compile. The context is then
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanoebm.model import EBT, Context, at_least_f32, modulate, rope_rows
+from nanoebm.model import EBT, Context, at_least_f32, rope_rows
 from nanoebm.think import ThinkOut, without_sharpening
 
 
@@ -37,6 +37,8 @@ class Folded:
     qk: torch.Tensor              # (n_layer, 2D, D): the q and k rows of qkv
     v: torch.Tensor               # (n_layer, D, D): the v rows
     energy: torch.Tensor          # (D,): the energy head
+    norms: torch.Tensor | None    # step_adaln (n_step, n_layer, 4, D): per step the map after
+                                  # ln1 and ln2, x * (gain * (1 + scale)) + shift: factor, shift
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Position:
     w_qkv: list                   # n_layer x (3D, D): Folded's, with RoPE at the position
     w_energy: torch.Tensor        # (D,)
     bias: torch.Tensor | None = None  # (1, 1, 1, T): 0 on real keys, -inf on unused cache slots
+    norms: torch.Tensor | None = None  # Folded's
 
 
 def fold_weights(model: EBT) -> Folded:
@@ -54,8 +57,13 @@ def fold_weights(model: EBT) -> Folded:
     if model.adaln is None:  # under AdaLN ln1's gain is applied with the step's scale instead
         w = w * torch.stack([b.ln1.weight for b in model.blocks])[:, None]  # (L, 1, D) gains
     q, k, v = w.split(D, dim=1)  # (L, D, D) each
+    norms = None
+    if model.adaln is not None:  # x * (gain * (1 + scale)) + shift per step, layer and norm
+        g = torch.stack([torch.stack([b.ln1.weight, b.ln2.weight]) for b in model.blocks])  # (L, 2, D)
+        scale, shift = model.adaln[:, :, 0::2], model.adaln[:, :, 1::2]  # (n_step, L, 2, D) each
+        norms = torch.stack([g * (1 + scale), shift], 3).flatten(2, 3)  # (n_step, L, 4, D)
     return Folded(qk=torch.cat([q / math.sqrt(hd), k], 1), v=v,
-                  energy=model.energy_head.weight[0] * model.ln_e.weight)
+                  energy=model.energy_head.weight[0] * model.ln_e.weight, norms=norms)
 
 
 def position(model: EBT, kv: list, pos: int, bias: torch.Tensor | None = None,
@@ -64,7 +72,12 @@ def position(model: EBT, kv: list, pos: int, bias: torch.Tensor | None = None,
     rotation there is a fixed linear map too, folded into the q/k rows once per token."""
     f = folded or fold_weights(model)
     qk = rope_rows(f.qk, model.rope_cos[pos], model.rope_sin[pos])  # (L, 2D, D)
-    return Position(kv, list(torch.cat([qk, f.v], 1).unbind(0)), f.energy, bias)
+    return Position(kv, list(torch.cat([qk, f.v], 1).unbind(0)), f.energy, bias, f.norms)
+
+
+def step_norms(pos: Position, step: int):
+    """The norms' affine maps (L, 4, D) at think step `step` (past the table: its last), or None."""
+    return None if pos.norms is None else pos.norms[min(step, pos.norms.shape[0] - 1)]
 
 
 def _rms(x, eps):
@@ -89,10 +102,10 @@ def energy_at(model: EBT, pos: Position, p, step: int = 0, tape: list | None = N
     c = p.reshape(B * N, V).to(W.dtype) @ W  # (M, D)
     if model.step_emb is not None:
         c = c + model.step_emb.weight[min(step, model.step_emb.num_embeddings - 1)]
-    mods = model.step_modulation(step)  # (L, 4, D) or None
+    norms = step_norms(pos, step)  # (L, 4, D) or None
     for i, (block, (k_ctx, v_ctx), w_qkv) in enumerate(zip(model.blocks, pos.kv, pos.w_qkv)):
         h, r1 = _rms(c, block.ln1.eps)
-        x = h if mods is None else modulate(h * block.ln1.weight, mods[i, 0], mods[i, 1])
+        x = h if norms is None else torch.addcmul(norms[i, 1], h, norms[i, 0])  # AdaLN
         q, k, v = (x @ w_qkv.t()).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (B,H,N,hd)
         s_ctx = q @ k_ctx.transpose(-2, -1)  # (B, H, N, T)
         if pos.bias is not None:
@@ -102,8 +115,7 @@ def energy_at(model: EBT, pos: Position, p, step: int = 0, tape: list | None = N
         y = a[..., :-1] @ v_ctx + a[..., -1:] * v  # (B, H, N, hd)
         c2 = c + block.attn.proj(y.transpose(1, 2).reshape(B * N, D))  # (M, D)
         h2, r2 = _rms(c2, block.ln2.eps)
-        x2 = h2 * block.ln2.weight
-        x2 = x2 if mods is None else modulate(x2, mods[i, 2], mods[i, 3])
+        x2 = h2 * block.ln2.weight if norms is None else torch.addcmul(norms[i, 3], h2, norms[i, 2])
         gate, up = block.mlp.gate_up(x2).chunk(2, dim=-1)  # (M, hidden)
         sig = torch.sigmoid(gate)
         act = gate * sig  # silu
@@ -125,11 +137,10 @@ def energy_grad_at(model: EBT, pos: Position, p, step: int = 0):
     H, D = model.cfg.n_head, model.cfg.n_embd
     h, r = tape.pop()
     dc = _rms_backward(h, r, pos.w_energy)  # dE/dc_L (M, D)
-    mods = model.step_modulation(step)  # (L, 4, D) or None
-    # the factor each norm's output is multiplied by: the gain (ln1's is folded into w_qkv
-    # without AdaLN), times 1 + scale with it; the shifts are constants and drop out
-    gains = [(None, b.ln2.weight) if mods is None else
-             (b.ln1.weight * (1 + mods[i, 0]), b.ln2.weight * (1 + mods[i, 2]))
+    norms = step_norms(pos, step)  # (L, 4, D) or None
+    # the factor each norm's output is multiplied by (ln1's gain is in w_qkv without AdaLN);
+    # the shifts are constants and drop out
+    gains = [(None, b.ln2.weight) if norms is None else (norms[i, 0], norms[i, 2])
              for i, b in enumerate(model.blocks)]
     layers = list(zip(model.blocks, pos.kv, pos.w_qkv, tape, gains))
     for block, (k_ctx, v_ctx), w_qkv, saved, (gain1, gain2) in reversed(layers):

@@ -186,6 +186,14 @@ def test_compiled_generation_equals_eager():
                      think_noise=0.3, accept_lower_energy=True)
 
 
+@pytest.mark.slow
+def test_compiled_generation_with_step_adaln_and_think_neutral():
+    """The compiled step reads the folded AdaLN maps and projects the sharpening part out."""
+    m = tiny(n_layer=1, n_embd=16, step_adaln=True, think_neutral=True)
+    compare_compiled(m, prompt(T=5), 14, think_steps=3, n_candidates=2, think_noise=0.3,
+                     accept_lower_energy=True)
+
+
 def test_failed_compilation_falls_back_to_eager(monkeypatch, capsys):
     def broken(fn, **kw):
         def run(*a, **k):
