@@ -8,8 +8,8 @@ One step k (the paper's Sec. 3, with the reference code's options):
     g       = dJ/dp  (think_grad=probs|hybrid)  or  dJ/dz  (think_grad=logits)
     g       = g + think_prox_weight * (base - base_0)     pull toward the start z_0 (or p_0)
     g       = clamp(g, +-think_max_move / alpha)          if think_max_move > 0
+    alpha*g <- alpha*g - (alpha*g . u / u . u) u          if think_neutral, u = base - mean_V(base)
     z_next  = p - alpha*g (probs) | z - alpha*g (logits, hybrid)
-    alpha*g <- alpha*g minus its part along base - mean_V(base)   if think_neutral
 
 think_neutral asks whether a step carries re-ranking information beyond sharpening: moving the
 logits along u = z - mean_V(z) only rescales them (softmax((1 + c) z) is z sharpened or
