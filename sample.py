@@ -46,7 +46,7 @@ def sample(cfg: SampleConfig) -> list[dict]:
         device = rt.pick_device(cfg.device)
     except RuntimeError as e:  # e.g. device=cuda on a machine without CUDA
         raise ValueError(str(e)) from None
-    model = model_from_checkpoint(ckpt, device).eval()
+    model = model_from_checkpoint(ckpt, device, think_neutral=cfg.think_neutral).eval()
     model.requires_grad_(False)  # thinking needs dE/dz only, never weight gradients
     mc = model.cfg
     tok = resolve_tokenizer(ckpt.get("meta"), mc.vocab_size, cfg.tokenizer, cfg.bpe_encoding)
@@ -69,7 +69,8 @@ def sample(cfg: SampleConfig) -> list[dict]:
     if thinking:
         mode = (f"thinking {K} steps from {mc.think_init} (alpha {alpha:.4g}, noise "
                 f"{cfg.think_noise:g}{', best of %d' % cfg.n_candidates if cfg.n_candidates > 1 else ''}"
-                f"{', accept_lower_energy' if cfg.accept_lower_energy else ''})")
+                f"{', accept_lower_energy' if cfg.accept_lower_energy else ''}"
+                f"{', sharpening-neutral steps' if mc.think_neutral else ''})")
     elif model.has_s1:
         mode = "System 1 logits, no thinking" + ("" if model.has_energy else
                                                  " (a plain transformer: trained with think_steps=0)")

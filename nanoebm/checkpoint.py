@@ -128,8 +128,11 @@ def fit_optimizer_state(opt_sd: dict, model_sd: dict, model: EBT) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def model_from_checkpoint(ckpt: dict, device="cpu") -> EBT:
-    model = EBT(model_config_from_dict(ckpt["model_config"]))
+def model_from_checkpoint(ckpt: dict, device="cpu", **overrides) -> EBT:
+    """The checkpoint's model. overrides: thinking options (e.g. think_neutral) to use instead of
+    the checkpoint's; None keeps its setting."""
+    cfg = model_config_from_dict(ckpt["model_config"])
+    model = EBT(dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None}))
     model.load_state_dict(fit_state_dict(ckpt["model"], model))
     return model.to(device)
 

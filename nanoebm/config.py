@@ -35,6 +35,8 @@ class ModelConfig:
     dropout: float = 0.1
     tie_candidate_embedding: bool = False  # candidate embedding p @ W: W = input embedding
     step_embed: bool = False     # learned per-think-step embedding added to the candidate stream
+    step_adaln: bool = False     # AdaLN: per-think-step scale/shift after the candidate stream's norms
+    think_neutral: bool = False  # think steps lose their part along z - mean_V(z): no pure sharpening
 
     # -- thinking: z <- z - alpha * dJ/d(.) for think_steps steps (nanoebm/think.py)
     think_steps: int = 2         # K; 0 = the plain transformer baseline (no energy at all)
@@ -243,6 +245,7 @@ class SampleConfig:
     think_noise: float = 0.0             # std of the noise added to z before each think step
     accept_lower_energy: bool = False    # keep a think step only where it lowers the energy
     n_candidates: int = 1                # best-of-N: N chains per token, lowest final energy wins
+    think_neutral: Optional[bool] = None  # sharpening-neutral steps (None = the checkpoint's setting)
     # -- decoding
     sample: bool = False                 # false = argmax (greedy, deterministic)
     sample_temp: float = 1.0
@@ -333,6 +336,7 @@ class EvalConfig:
     batch_size: int = 32
     bon: int = 4                         # best-of-N chains at K (<= 1: off)
     think_noise: float = 0.5             # best-of-N: the noise that makes the chains differ
+    think_neutral: Optional[bool] = None  # sharpening-neutral steps (None = the checkpoint's setting)
     bootstrap: int = 1000                # resamples of windows for the 95% intervals
     seed: int = 2024                     # corruption, chain noise, bootstrap
     diagnose: bool = False               # also write diagnose.{json,md} (nanoebm/diagnose.py)

@@ -6,6 +6,8 @@
   p_t @ W_cand and placed at RoPE position t+1. It attends to context keys x_0..x_t and to itself
   only (never to its target x_{t+1}, later tokens or other candidates), with the same Q/K/V/O
   weights. A final RMSNorm + Linear(D, 1) turns it into one scalar energy E_t per position.
+  It alone may know the think step k: step_embed adds an embedding of k to its input, step_adaln
+  gives every block's two norms a per-step scale and shift (AdaLN, zero at init).
 * System-1 head - Linear(D, V) on the context stream: amortized initial logits. With
   think_steps=0 the model is exactly a plain causal transformer LM (the baseline), and it keeps
   no candidate-stream parameters at all.
@@ -35,6 +37,11 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # written out (not F.rms_norm) so every op has a double-backward formula
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def modulate(h, scale, shift):
+    """AdaLN: a per-step affine map after a norm, h (..., D) * (1 + scale) + shift; (D,) each."""
+    return h * (1 + scale) + shift
 
 
 def at_least_f32(x):
@@ -150,9 +157,12 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.ln2(x)), kv
 
-    def candidate(self, c, k, v, cos, sin, fused: bool = False):
-        c = c + self.attn.candidate(self.ln1(c), k, v, cos, sin, fused)
-        return c + self.mlp(self.ln2(c))
+    def candidate(self, c, k, v, cos, sin, fused: bool = False, mod=None):
+        """mod (4, D): this step's AdaLN (scale, shift) for ln1 then ln2, or None."""
+        h = self.ln1(c) if mod is None else modulate(self.ln1(c), mod[0], mod[1])
+        c = c + self.attn.candidate(h, k, v, cos, sin, fused)
+        h = self.ln2(c) if mod is None else modulate(self.ln2(c), mod[2], mod[3])
+        return c + self.mlp(h)
 
 
 @dataclass
@@ -179,6 +189,9 @@ class EBT(nn.Module):
         self.w_cand = None if cfg.tie_candidate_embedding else nn.Parameter(torch.empty(V, D))
         n_step = max(1, cfg.eval_think_steps)
         self.step_emb = nn.Embedding(n_step, D) if cfg.step_embed else None
+        # AdaLN: per step and block, (scale, shift) of ln1 and of ln2. Zero: at init the model is
+        # the plain one, and creating it draws no random numbers (the other weights stay the same)
+        self.adaln = nn.Parameter(torch.zeros(n_step, cfg.n_layer, 4, D)) if cfg.step_adaln else None
         self.ln_e, self.energy_head = RMSNorm(D), nn.Linear(D, 1, bias=False)
         # the S1 head exists when it starts the chain, is the model (K=0), or gets aux CE
         self.has_s1 = cfg.think_init == "s1" or cfg.think_steps == 0 or cfg.aux_ce_weight > 0
@@ -203,7 +216,7 @@ class EBT(nn.Module):
         if not self.has_energy:
             # The plain transformer drops the candidate stream. It was built and initialised all
             # the same, so one seed gives the baseline exactly the weights the EBT starts from.
-            self.w_cand = self.step_emb = self.ln_e = self.energy_head = None
+            self.w_cand = self.step_emb = self.adaln = self.ln_e = self.energy_head = None
 
     @staticmethod
     def _init_weights(m):
@@ -212,6 +225,16 @@ class EBT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @property
+    def step_conditioned(self) -> bool:
+        """Whether the energy depends on the think step k (step_embed or step_adaln)."""
+        return self.step_emb is not None or self.adaln is not None
+
+    def step_modulation(self, step: int):
+        """AdaLN (n_layer, 4, D) for think step `step` (steps past the table reuse its last
+        entry), or None without step_adaln."""
+        return None if self.adaln is None else self.adaln[min(step, self.adaln.shape[0] - 1)]
 
     @property
     def cand_weight(self):
@@ -256,8 +279,9 @@ class EBT(nn.Module):
         Tc, Tk = c.shape[1], ctx.length
         # candidate for x_{t+1} sits at RoPE position t+1
         cos, sin = self.rope_cos[Tk - Tc + 1:Tk + 1], self.rope_sin[Tk - Tc + 1:Tk + 1]
-        for block, (k, v) in zip(self.blocks, ctx.kv):
-            c = block.candidate(c, k, v, cos, sin, fused)
+        mods = self.step_modulation(step)  # (n_layer, 4, D) or None
+        for i, (block, (k, v)) in enumerate(zip(self.blocks, ctx.kv)):
+            c = block.candidate(c, k, v, cos, sin, fused, None if mods is None else mods[i])
         return at_least_f32(self.energy_head(self.ln_e(c)).squeeze(-1))  # (B, Tc)
 
     def optim_groups(self, weight_decay: float, lr: float, alpha_lr_mult: float):

@@ -24,10 +24,10 @@ from nanoebm.generate import resolve_tokenizer
 from nanoebm.shift import builtin_sets, check_set_names, text_set
 
 
-def load_model(path, device, bpe_encoding=None):
-    """(checkpoint dict, model in eval mode, its tokenizer)."""
+def load_model(path, device, bpe_encoding=None, **overrides):
+    """(checkpoint dict, model in eval mode, its tokenizer); overrides: thinking options."""
     ck = load_checkpoint(path)
-    model = model_from_checkpoint(ck, device).eval()
+    model = model_from_checkpoint(ck, device, **overrides).eval()
     return ck, model, resolve_tokenizer(ck.get("meta"), model.cfg.vocab_size, None, bpe_encoding)
 
 
@@ -158,7 +158,7 @@ def score_checkpoint(cfg: EvalConfig) -> dict:
     check_set_names(cfg.sets)
     device = rt.pick_device(cfg.device)
     path = Path(cfg.checkpoint or latest_checkpoint(cfg.train_out_dir))
-    ck, model, tok = load_model(path, device, cfg.bpe_encoding)
+    ck, model, tok = load_model(path, device, cfg.bpe_encoding, think_neutral=cfg.think_neutral)
     T, K = model.cfg.block_size, model.cfg.eval_think_steps
     steps = max(cfg.steps, K) if K > 0 else 0  # a plain transformer has no energy to descend
     sets, notes = builtin_sets(cfg.sets, run_data(ck, cfg), ck, tok, T, cfg.windows, cfg.seed) \
@@ -177,6 +177,8 @@ def score_checkpoint(cfg: EvalConfig) -> dict:
         notes += [bnote] if bnote else []
     else:
         notes.append("no baseline=: r and EBT − ref use the EBT's own System-1 CE")
+    if model.cfg.think_neutral and K > 0:
+        notes.append("sharpening-neutral think steps (think_neutral): no move along z − mean(z)")
     kw = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device)
     rows, raw = {}, {}
     for es in sets:
@@ -189,6 +191,7 @@ def score_checkpoint(cfg: EvalConfig) -> dict:
         rows[es.name], raw[es.name] = summarise(es, r, ref, K, cfg, math.log(2)), r
         print(f"scored {es.name}: {rows[es.name]['n_positions']} positions")
     res = {"checkpoint": str(path), "baseline": cfg.baseline, "trained_k": K, "steps": steps,
+           "think_neutral": model.cfg.think_neutral,
            "bits_name": "bpb" if tok.meta["tokenizer"] == "char" else "bpt", "sets": rows,
            "notes": notes}
     res["shift"] = shift_axis(rows)

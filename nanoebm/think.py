@@ -8,7 +8,13 @@ One step k (the paper's Sec. 3, with the reference code's options):
     g       = dJ/dp  (think_grad=probs|hybrid)  or  dJ/dz  (think_grad=logits)
     g       = g + think_prox_weight * (base - base_0)     pull toward the start z_0 (or p_0)
     g       = clamp(g, +-think_max_move / alpha)          if think_max_move > 0
+    alpha*g <- alpha*g - (alpha*g . u / u . u) u          if think_neutral, u = base - mean_V(base)
     z_next  = p - alpha*g (probs) | z - alpha*g (logits, hybrid)
+
+think_neutral asks whether a step carries re-ranking information beyond sharpening: moving the
+logits along u = z - mean_V(z) only rescales them (softmax((1 + c) z) is z sharpened or
+flattened, the ranking unchanged), so that part of each move is removed. The move is taken from
+the step's base (z, or p with think_grad=probs, where the chain's next logits are p - alpha*g).
 
 Positions never see each other's candidates, so the gradient of the *sum* of energies gives each
 position exactly its own dE_t/dz_t. With create_graph=True the step is differentiable in the
@@ -54,6 +60,14 @@ def initial_logits(model: EBT, ctx: Context, n_pos: int, mode: str | None = None
 def entropy(p: torch.Tensor) -> torch.Tensor:
     """H(p) per position, written as a function of p itself so dH/dp is exact. (B, T)"""
     return -(p * p.clamp_min(1e-20).log()).sum(-1)
+
+
+def without_sharpening(move: torch.Tensor, base: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """move (B, T, V) minus its component along u = base - mean_V(base), position by position:
+    what is left cannot scale the logits. Where u = 0 (all logits equal) nothing is removed."""
+    u = base - base.mean(-1, keepdim=True)  # (B, T, V)
+    coef = (move * u).sum(-1, keepdim=True) / ((u * u).sum(-1, keepdim=True) + eps)  # (B, T, 1)
+    return move - coef * u
 
 
 def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_graph: bool = False,
@@ -104,7 +118,10 @@ def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_grap
             if cfg.think_max_move > 0:  # trust region: no logit moves more than max_move
                 bound = cfg.think_max_move / alpha
                 g = torch.maximum(torch.minimum(g, bound), -bound)
-            z_next = base - alpha * g
+            move = alpha * g
+            if cfg.think_neutral:  # applied last: the step stays orthogonal to u, clamped or not
+                move = without_sharpening(move, base)
+            z_next = base - move
             if accept_lower_energy:  # keep the step only where it lowers that position's E
                 with torch.no_grad():
                     E_next = model.energy(ctx, torch.softmax(z_next / tau, -1), step=k, fused=True)

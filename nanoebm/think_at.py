@@ -7,7 +7,8 @@ can do much less than `think` in general:
   * N chains (best-of-N) share their row's cache: they are N queries at the same position,
   * first order only, and dE/dp is written out by hand (`energy_grad_at`): at one position a
     step is a few hundred tiny ops, and autograd's bookkeeping per op would cost more than the
-    arithmetic. Nothing is kept between steps,
+    arithmetic. Nothing is kept between steps. Under step_adaln each norm's gain and the step's
+    scale are one factor per step, folded once per generation like the gains,
   * the final energy E(z_K) is computed only when a caller reads it (and comes free with
     accept_lower_energy, whose last test already measured it).
 `Thinker(model, compile=True)` runs the same step through torch.compile. The context is then
@@ -25,16 +26,19 @@ import torch
 import torch.nn.functional as F
 
 from nanoebm.model import EBT, Context, at_least_f32, rope_rows
-from nanoebm.think import ThinkOut
+from nanoebm.think import ThinkOut, without_sharpening
 
 
 @dataclass
 class Folded:
     """The weights a one-position step reads, with every fixed linear map in front of them
-    folded in: the RMSNorm gains, the score scale 1/sqrt(hd). Once per generation."""
+    folded in: the RMSNorm gains (not ln1's under step_adaln: the step's scale and shift follow
+    it), the score scale 1/sqrt(hd). Once per generation."""
     qk: torch.Tensor              # (n_layer, 2D, D): the q and k rows of qkv
     v: torch.Tensor               # (n_layer, D, D): the v rows
     energy: torch.Tensor          # (D,): the energy head
+    norms: torch.Tensor | None    # step_adaln (n_step, n_layer, 4, D): per step the map after
+                                  # ln1 and ln2, x * (gain * (1 + scale)) + shift: factor, shift
 
 
 @dataclass
@@ -44,14 +48,22 @@ class Position:
     w_qkv: list                   # n_layer x (3D, D): Folded's, with RoPE at the position
     w_energy: torch.Tensor        # (D,)
     bias: torch.Tensor | None = None  # (1, 1, 1, T): 0 on real keys, -inf on unused cache slots
+    norms: torch.Tensor | None = None  # Folded's
 
 
 def fold_weights(model: EBT) -> Folded:
     D, hd = model.cfg.n_embd, model.cfg.n_embd // model.cfg.n_head
-    w = torch.stack([b.attn.qkv.weight * b.ln1.weight for b in model.blocks])  # (L, 3D, D)
+    w = torch.stack([b.attn.qkv.weight for b in model.blocks])  # (L, 3D, D)
+    if model.adaln is None:  # under AdaLN ln1's gain is applied with the step's scale instead
+        w = w * torch.stack([b.ln1.weight for b in model.blocks])[:, None]  # (L, 1, D) gains
     q, k, v = w.split(D, dim=1)  # (L, D, D) each
+    norms = None
+    if model.adaln is not None:  # x * (gain * (1 + scale)) + shift per step, layer and norm
+        g = torch.stack([torch.stack([b.ln1.weight, b.ln2.weight]) for b in model.blocks])  # (L, 2, D)
+        scale, shift = model.adaln[:, :, 0::2], model.adaln[:, :, 1::2]  # (n_step, L, 2, D) each
+        norms = torch.stack([g * (1 + scale), shift], 3).flatten(2, 3)  # (n_step, L, 4, D)
     return Folded(qk=torch.cat([q / math.sqrt(hd), k], 1), v=v,
-                  energy=model.energy_head.weight[0] * model.ln_e.weight)
+                  energy=model.energy_head.weight[0] * model.ln_e.weight, norms=norms)
 
 
 def position(model: EBT, kv: list, pos: int, bias: torch.Tensor | None = None,
@@ -60,7 +72,12 @@ def position(model: EBT, kv: list, pos: int, bias: torch.Tensor | None = None,
     rotation there is a fixed linear map too, folded into the q/k rows once per token."""
     f = folded or fold_weights(model)
     qk = rope_rows(f.qk, model.rope_cos[pos], model.rope_sin[pos])  # (L, 2D, D)
-    return Position(kv, list(torch.cat([qk, f.v], 1).unbind(0)), f.energy, bias)
+    return Position(kv, list(torch.cat([qk, f.v], 1).unbind(0)), f.energy, bias, f.norms)
+
+
+def step_norms(pos: Position, step: int):
+    """The norms' affine maps (L, 4, D) at think step `step` (past the table: its last), or None."""
+    return None if pos.norms is None else pos.norms[min(step, pos.norms.shape[0] - 1)]
 
 
 def _rms(x, eps):
@@ -85,9 +102,11 @@ def energy_at(model: EBT, pos: Position, p, step: int = 0, tape: list | None = N
     c = p.reshape(B * N, V).to(W.dtype) @ W  # (M, D)
     if model.step_emb is not None:
         c = c + model.step_emb.weight[min(step, model.step_emb.num_embeddings - 1)]
-    for block, (k_ctx, v_ctx), w_qkv in zip(model.blocks, pos.kv, pos.w_qkv):
+    norms = step_norms(pos, step)  # (L, 4, D) or None
+    for i, (block, (k_ctx, v_ctx), w_qkv) in enumerate(zip(model.blocks, pos.kv, pos.w_qkv)):
         h, r1 = _rms(c, block.ln1.eps)
-        q, k, v = (h @ w_qkv.t()).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (B,H,N,hd)
+        x = h if norms is None else torch.addcmul(norms[i, 1], h, norms[i, 0])  # AdaLN
+        q, k, v = (x @ w_qkv.t()).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (B,H,N,hd)
         s_ctx = q @ k_ctx.transpose(-2, -1)  # (B, H, N, T)
         if pos.bias is not None:
             s_ctx = s_ctx + pos.bias
@@ -96,7 +115,8 @@ def energy_at(model: EBT, pos: Position, p, step: int = 0, tape: list | None = N
         y = a[..., :-1] @ v_ctx + a[..., -1:] * v  # (B, H, N, hd)
         c2 = c + block.attn.proj(y.transpose(1, 2).reshape(B * N, D))  # (M, D)
         h2, r2 = _rms(c2, block.ln2.eps)
-        gate, up = block.mlp.gate_up(h2 * block.ln2.weight).chunk(2, dim=-1)  # (M, hidden)
+        x2 = h2 * block.ln2.weight if norms is None else torch.addcmul(norms[i, 3], h2, norms[i, 2])
+        gate, up = block.mlp.gate_up(x2).chunk(2, dim=-1)  # (M, hidden)
         sig = torch.sigmoid(gate)
         act = gate * sig  # silu
         if tape is not None:
@@ -117,14 +137,19 @@ def energy_grad_at(model: EBT, pos: Position, p, step: int = 0):
     H, D = model.cfg.n_head, model.cfg.n_embd
     h, r = tape.pop()
     dc = _rms_backward(h, r, pos.w_energy)  # dE/dc_L (M, D)
-    layers = list(zip(model.blocks, pos.kv, pos.w_qkv, tape))
-    for block, (k_ctx, v_ctx), w_qkv, saved in reversed(layers):
+    norms = step_norms(pos, step)  # (L, 4, D) or None
+    # the factor each norm's output is multiplied by (ln1's gain is in w_qkv without AdaLN);
+    # the shifts are constants and drop out
+    gains = [(None, b.ln2.weight) if norms is None else (norms[i, 0], norms[i, 2])
+             for i, b in enumerate(model.blocks)]
+    layers = list(zip(model.blocks, pos.kv, pos.w_qkv, tape, gains))
+    for block, (k_ctx, v_ctx), w_qkv, saved, (gain1, gain2) in reversed(layers):
         h, r1, q, k, v, a, h2, r2, up, sig, act = saved
-        # MLP: c_next = c2 + down(silu(gate) * up), [gate, up] = gate_up(rms(c2) * gain)
+        # MLP: c_next = c2 + down(silu(gate) * up), [gate, up] = gate_up(rms(c2) * gain2 + shift)
         dm = dc @ block.mlp.down.weight  # (M, hidden)
         dgate = dm * up * (sig + act * (1 - sig))  # silu'(x) = s(x) + x s(x) (1 - s(x))
         dh2 = torch.cat([dgate, dm * act], -1) @ block.mlp.gate_up.weight  # (M, D)
-        dc2 = dc + _rms_backward(h2, r2, dh2 * block.ln2.weight)
+        dc2 = dc + _rms_backward(h2, r2, dh2 * gain2)
         # attention: c2 = c + proj(y), y = a_ctx @ v_ctx + a_self * v, a = softmax([q.k_ctx, q.k])
         dy = (dc2 @ block.attn.proj.weight).view(B, N, H, D // H).transpose(1, 2)  # (B,H,N,hd)
         da = torch.cat([dy @ v_ctx.transpose(-2, -1), (dy * v).sum(-1, keepdim=True)], -1)
@@ -132,7 +157,7 @@ def energy_grad_at(model: EBT, pos: Position, p, step: int = 0):
         dq = ds[..., :-1] @ k_ctx + ds[..., -1:] * k  # (B, H, N, hd)
         dqkv = torch.stack([dq, ds[..., -1:] * q, a[..., -1:] * dy]).permute(1, 3, 0, 2, 4)
         dh = dqkv.reshape(B * N, 3 * D) @ w_qkv  # (M, D)
-        dc = dc2 + _rms_backward(h, r1, dh)
+        dc = dc2 + _rms_backward(h, r1, dh if gain1 is None else dh * gain1)
     return E, (dc @ model.cand_weight.t().to(dc.dtype)).view(B, N, V)
 
 
@@ -165,7 +190,10 @@ def think_step(model: EBT, pos: Position, z, eps, anchor, alpha, k: int, accept:
     if cfg.think_max_move > 0:
         bound = cfg.think_max_move / alpha
         g = torch.maximum(torch.minimum(g, bound), -bound)
-    z_next = base - alpha * g
+    move = alpha * g
+    if cfg.think_neutral:
+        move = without_sharpening(move, base)
+    z_next = base - move
     if not accept:
         return z_next, E, None
     E_next = energy_at(model, pos, torch.softmax(z_next / cfg.softmax_temperature, -1), k)
@@ -278,7 +306,7 @@ class Thinker:
             out.energies.append(E)
             out.logits.append(z)
         if final_energy:  # accept_lower_energy measured E(z_K) already (same step conditioning)
-            reuse = E_kept is not None and model.step_emb is None
+            reuse = E_kept is not None and not model.step_conditioned
             out.final_energy = E_kept if reuse else self._run(self.energy, final_energy_at, model,
                                                               pos, z, steps)
         self.warm = self.compiled

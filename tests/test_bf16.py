@@ -39,7 +39,8 @@ def step(autocast: bool, **kw):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(think_grad="probs"),
-                                dict(think_init="noise", aux_ce_weight=0.0, step_embed=True)])
+                                dict(think_init="noise", aux_ce_weight=0.0, step_embed=True),
+                                dict(step_adaln=True, think_neutral=True)])
 def test_bf16_step_matches_fp32(kw):
     l32, g32 = step(False, **kw)
     l16, g16 = step(True, **kw)

@@ -27,6 +27,8 @@ def tiny(seed=0, double=False, **kw):
         for p in m.parameters():
             if p.dim() == 2:
                 p.mul_(5.0)
+        if m.adaln is not None:  # AdaLN starts at zero: make every step's modulation real
+            m.adaln.normal_(0.0, 0.3)
     m = m.double() if double else m
     return m.requires_grad_(False)
 
@@ -36,7 +38,8 @@ def prompt(B=2, T=7, seed=1):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(step_embed=True, tie_candidate_embedding=True),
-                                dict(n_head=4, n_layer=1)])
+                                dict(n_head=4, n_layer=1), dict(step_adaln=True),
+                                dict(step_adaln=True, step_embed=True)])
 def test_energy_gradient_matches_autograd_on_the_full_model(kw):
     m = tiny(double=True, **kw)
     ctx = m.context(prompt(B=3))
@@ -63,7 +66,8 @@ def test_energy_gradient_matches_autograd_on_the_full_model(kw):
 
 OPTIONS = [dict(), dict(think_grad="probs"), dict(think_grad="logits", softmax_temperature=0.7),
            dict(entropy_weight=0.1), dict(think_normalize_grad=True, think_max_move=0.05),
-           dict(think_lr_per_step=True, think_prox_weight=0.0), dict(step_embed=True)]
+           dict(think_lr_per_step=True, think_prox_weight=0.0), dict(step_embed=True),
+           dict(step_adaln=True)]
 
 
 @pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: ",".join(kw) or "default")
@@ -145,6 +149,7 @@ def test_batched_best_of_n_equals_the_looped_one(accept):
     (dict(), dict(report_energy=False, accept_lower_energy=True), 6),  # + one test per step...
     (dict(), dict(report_energy=True, accept_lower_energy=True), 6),   # ...which is E(z_K) too
     (dict(step_embed=True), dict(report_energy=True, accept_lower_energy=True), 7),  # E(z_K): step K
+    (dict(step_adaln=True), dict(report_energy=True, accept_lower_energy=True), 7),
 ])
 def test_final_energy_pass_runs_only_when_read(model_kw, gen_kw, per_token, monkeypatch):
     m = tiny(**model_kw)
@@ -179,6 +184,14 @@ def test_compiled_generation_equals_eager():
     compare_compiled(m, idx, 14, think_steps=4, sample=True)  # the same graph, K=4
     compare_compiled(m, idx, 14, think_steps=4, kv_cache=False, sample=True, n_candidates=3,
                      think_noise=0.3, accept_lower_energy=True)
+
+
+@pytest.mark.slow
+def test_compiled_generation_with_step_adaln_and_think_neutral():
+    """The compiled step reads the folded AdaLN maps and projects the sharpening part out."""
+    m = tiny(n_layer=1, n_embd=16, step_adaln=True, think_neutral=True)
+    compare_compiled(m, prompt(T=5), 14, think_steps=3, n_candidates=2, think_noise=0.3,
+                     accept_lower_energy=True)
 
 
 def test_failed_compilation_falls_back_to_eager(monkeypatch, capsys):
