@@ -309,7 +309,8 @@ def eval_items(cc: CompareConfig, records: list[dict]) -> list[dict]:
         ec = EvalConfig(checkpoint=str(Path(r["run_dir"]) / "final.pt"), sets=list(cc.eval_sets),
                         baseline=str(Path(base[r["seed"]]) / "final.pt") if r["seed"] in base else None,
                         windows=cc.eval_windows, bon=cc.n_candidates, think_noise=cc.think_noise,
-                        seed=cc.eval_seed, diagnose=cc.diagnose, steps=max(cc.eval_steps))
+                        seed=cc.eval_seed, diagnose=cc.diagnose, steps=max(cc.eval_steps),
+                        probes=cc.eval_probes)
         for name, over in [(r["name"], None), *variants.items()]:
             e = dataclasses.asdict(dataclasses.replace(ec, **(over or {})))
             cache = Path(r["run_dir"]) / ("shift_eval.json" if over is None else f"shift_eval_{name}.json")

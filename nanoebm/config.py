@@ -293,6 +293,7 @@ class CompareConfig:
     eval_windows: int = 512
     eval_name: Optional[str] = None  # None = <suite>_eval (+ _<scale> off the cpu scale)
     diagnose: bool = False       # also the diagnostics of every thinking run
+    eval_probes: bool = False    # also evaluate.py's start probes (on the first eval set)
     jobs: int = 1                # runs trained, then scored on eval_sets, in parallel (processes)
     threads: int = 1             # torch threads per run
     out_dir: str = "results"

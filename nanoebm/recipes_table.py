@@ -8,6 +8,8 @@ plain transformer. A row holds, on the same fixed windows for every recipe:
                                       of the first seed listed (intervals do not average)
     slope of g on ln r                least squares over val + corrupt_*, per seed, then the mean
     Spearman(E(z_K), CE(z_K))         over val positions: does the energy rank its own answers?
+    start probes (eval_probes)        entropy change from 0.5x and 2x S1 starts, TV distance of
+                                      the S1-start and noise-start answers (nanoebm/startprobe.py)
 """
 from __future__ import annotations
 
@@ -37,6 +39,16 @@ def seed_spearman(res: dict):
     if "spearman_E_ce" in val:
         return val["spearman_E_ce"]
     return ((res.get("diagnose") or {}).get("val") or {}).get("spearman_E_ce")
+
+
+def probe_cells(probes: list[dict]) -> dict:
+    """Mean over seeds of the start probes: dH (end − start entropy) from the flat (0.5x S1)
+    and the sharp (2x S1) start, and the TV distance of the S1 and noise starts' answers."""
+    if not probes:
+        return {}
+    dh = lambda p, s: p["sharpness"][s]["entropy"][1] - p["sharpness"][s]["entropy"][0]  # noqa: E731
+    return {"dH_flat": mean([dh(p, "s=0.5") for p in probes]), "dH_sharp": mean([dh(p, "s=2") for p in probes]),
+            "tv_paths": mean([p["path_independence"]["tv_s1_vs_noise"] for p in probes])}
 
 
 def recipe_rows(items: list[dict], sets: list[str], ks: list[int]) -> list[dict]:
@@ -70,6 +82,7 @@ def recipe_rows(items: list[dict], sets: list[str], ks: list[int]) -> list[dict]
             "ci_seed": its[0]["seed"], "slope_graded": mean([seed_slope(e) for e in ev]),
             "spearman_val": mean([seed_spearman(e) for e in ev]),
             "alpha": [mean(a) for a in zip(*alphas)]})
+        row.update(probe_cells([e["probes"] for e in ev if e.get("probes")]))
         rows.append(row)
     return rows
 
@@ -79,7 +92,8 @@ def table(rows: list[dict], sets: list[str], ks: list[int], bon: int) -> str:
     slope on ln r, the verifier correlation and the training cost."""
     head = (["recipe", "seeds", "K"] + [f"val k={k}" for k in ks] + [f"best-of-{bon} at K"]
             + [f"gain {s} [95% CI]" for s in sets]
-            + ["slope g~ln r (val+corrupt)", "Spearman(E, CE) val", "ms/step", "alpha"])
+            + ["slope g~ln r (val+corrupt)", "Spearman(E, CE) val", "dH from 0.5x / 2x S1",
+               "TV(S1, noise start)", "ms/step", "alpha"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     f = lambda v, fmt=".4f": "–" if v is None else format(v, fmt)  # noqa: E731
     for r in rows:
@@ -89,12 +103,16 @@ def table(rows: list[dict], sets: list[str], ks: list[int], bon: int) -> str:
             g, ci = r.get("gain", {}).get(s), r.get("gain_ci", {}).get(s)
             cells.append(f(g, "+.4f") + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""))
         cells += [f(r.get("slope_graded"), "+.4f"), f(r.get("spearman_val"), "+.3f"),
-                  f(r["ms_per_step"], ".0f"), "/".join(f"{a:.3g}" for a in r.get("alpha") or []) or "–"]
+                  f"{f(r.get('dH_flat'), '+.3f')} / {f(r.get('dH_sharp'), '+.3f')}",
+                  f(r.get("tv_paths"), ".3f"), f(r["ms_per_step"], ".0f"), "/".join(f"{a:.3g}" for a in r.get("alpha") or []) or "–"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "Val CE in nats on the fixed eval windows, mean over the seeds listed. gain = CE(k=0) − "
              "CE(k=K), > 0 where thinking helped; its 95% interval (paired bootstrap over windows) is "
              "the first listed seed's. slope: least squares of gain on ln r over val + corrupt_*, per "
-             "seed, then the mean. Spearman over val positions at k=K (> 0: lower energy, lower CE)."]
+             "seed, then the mean. Spearman over val positions at k=K (> 0: lower energy, lower CE). dH: "
+             "entropy change over the probe chain from 0.5x and 2x the S1 logits (a calibrating "
+             "landscape: + / −; pure sharpening: − / −); TV: distance between the answers from the S1 "
+             "and a noise start (0: path independent)."]
     notes += [f"- {r['recipe']}: the checkpoint of {r['variant']['run']}, scored with "
               + ", ".join(f"{k}={v}" for k, v in r["variant"]["eval"].items()) for r in rows if r["variant"]]
     return "\n".join(lines + notes)

@@ -104,8 +104,9 @@ def test_recipe_table_from_synthetic_records():
     assert lines[0].startswith("| recipe | seeds | K | val k=0 | val k=1 |") and "best-of-4 at K" in lines[0]
     row = next(x for x in lines if x.startswith("| ebt |")).split(" | ")
     assert row[1:3] == ["1,2", "2"] and row[8] == "2.5150" and row[9] == "+0.0150 [+0.0000, +0.0200]"
-    assert row[-4] == f"{np.mean(slopes):+.4f}" and row[-3] == "+0.300" and row[-1] == "0.6/1.5 |"
-    assert next(x for x in lines if x.startswith("| baseline |")).count("–") == 12
+    assert row[-6] == f"{np.mean(slopes):+.4f}" and row[-5] == "+0.300" and row[-1] == "0.6/1.5 |"
+    assert row[-4] == "– / –" and row[-3] == "–"  # no probes scored
+    assert next(x for x in lines if x.startswith("| baseline |")).count("–") == 15
     assert "- neutral: the checkpoint of ebt, scored with think_noise=0.1" in md
 
 
@@ -221,3 +222,12 @@ def test_cache_key_survives_a_new_eval_option_but_not_a_changed_one():
     assert cache_key(json.dumps(old)) == cache_key(json.dumps(new, sort_keys=True))
     assert cache_key(json.dumps({**old, "windows": 7})) != cache_key(json.dumps(new))
     assert cache_key(json.dumps({**new, "probes": True})) != cache_key(json.dumps(new))
+
+
+def test_probe_columns_are_means_over_seeds():
+    probe = lambda h, tv: {"sharpness": {"s=0.5": {"entropy": [2.0, 2.0 + h]}, "s=1": {"entropy": [1.0, 1.0]},  # noqa: E731
+                                        "s=2": {"entropy": [0.5, 0.5 - h]}},
+                          "path_independence": {"tv_s1_vs_noise": tv}}
+    cells = rt.probe_cells([probe(0.1, 0.2), probe(0.3, 0.4)])
+    assert cells == pytest.approx({"dH_flat": 0.2, "dH_sharp": -0.2, "tv_paths": 0.3})
+    assert rt.probe_cells([]) == {}
