@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from nanoebm import runtime as rt
-from nanoebm.config import BenchConfig
+from nanoebm.script_config import BenchConfig
 from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.generate import generate

@@ -38,7 +38,7 @@ import hydra
 from omegaconf import OmegaConf
 
 from nanoebm import tasks
-from nanoebm.config import CompareConfig
+from nanoebm.script_config import CompareConfig
 from nanoebm.cli import apply_cli_shims, register_configs, rewrite_argv
 
 REPO = Path(__file__).resolve().parent
@@ -119,7 +119,7 @@ def score(job: dict, run_dir: Path) -> dict:
         rec["val_loss_bon"] = best_of_n_loss(model, batches, trained_k, job["n_candidates"],
                                              job["think_noise"], seed=job["eval_seed"])
     if tasks.task_name(cfg.data.data_path):  # structured task: determined positions, OOD split
-        from nanoebm.config import EvalConfig
+        from nanoebm.script_config import EvalConfig
         from nanoebm.scorecard import score_checkpoint
         ev = score_checkpoint(EvalConfig(checkpoint=str(run_dir / "final.pt"), sets=["val"],
                                          windows=job["eval_iters"] * B, bon=job["n_candidates"],
@@ -257,7 +257,7 @@ def eval_one(job: dict) -> dict:
     """Score one checkpoint on the eval sets (in a worker process); cache the result."""
     import torch
     from nanoebm.checkpoint import atomic_write_text
-    from nanoebm.config import EvalConfig
+    from nanoebm.script_config import EvalConfig
     from nanoebm.scorecard import score_checkpoint
     torch.set_num_threads(job["threads"])
     text = json.dumps({"key": job["key"], **score_checkpoint(EvalConfig(**job["eval"]))}, indent=1)
@@ -268,7 +268,7 @@ def eval_one(job: dict) -> dict:
 def cache_key(key: str | None) -> str | None:
     """An eval cache key (JSON of EvalConfig's fields) without the fields at their defaults,
     so that adding an option to EvalConfig leaves the caches written before it valid."""
-    from nanoebm.config import EvalConfig
+    from nanoebm.script_config import EvalConfig
     if key is None:
         return None
     default = dataclasses.asdict(EvalConfig())
@@ -295,7 +295,7 @@ def score_evals(jobs: list[dict], workers: int) -> list[dict]:
 def eval_items(cc: CompareConfig, records: list[dict]) -> list[dict]:
     """One item per run and per eval variant of a thinking run, in table order; thinking runs
     carry a scoring job with the plain transformer of the same seed as the reference."""
-    from nanoebm.config import EvalConfig
+    from nanoebm.script_config import EvalConfig
     base = {r["seed"]: r["run_dir"] for r in records if r["trained_k"] == 0}
     items = []
     for r in records:

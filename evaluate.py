@@ -8,7 +8,7 @@ text: does thinking pay more the further the data is from training (the EBT pape
 
 Every set is a fixed list of windows, and every k is scored on the same windows from the same
 start (paired). Writes eval.json, eval.md, eval.png (and diagnose.json/md) into out_dir.
-Options live in nanoebm/config.py (EvalConfig).
+Options live in nanoebm/script_config.py (EvalConfig).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from nanoebm import taskeval
 from nanoebm.checkpoint import atomic_write_text
-from nanoebm.config import EvalConfig
+from nanoebm.script_config import EvalConfig
 from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.scorecard import plot, score_checkpoint, table
 

@@ -16,7 +16,7 @@ Modes (files go to out_dir, default out_ebt/viz; each written file is printed as
   margin        E(true token) vs E(final candidate) and vs other one-hot tokens, + text report
   eval          val loss / bpb (bpt for BPE) after k = 0..steps think steps, + JSON/markdown
   per_token     bowl panels (per_token_anim=true: animations) for the next `tokens` tokens
-Options: nanoebm/config.py (VizConfig).
+Options: nanoebm/script_config.py (VizConfig).
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from omegaconf import OmegaConf
 from nanoebm import landscape as L
 from nanoebm import plots as P
 from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
-from nanoebm.config import DataConfig, VizConfig
+from nanoebm.config import DataConfig
+from nanoebm.script_config import VizConfig
 from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.evaluate import thinking_curve

@@ -8,7 +8,8 @@ import re
 import sys
 from pathlib import Path
 
-from nanoebm.config import TrainRunConfig, CompareConfig, SampleConfig, VizConfig, EvalConfig, BenchConfig
+from nanoebm.config import TrainRunConfig
+from nanoebm.script_config import BenchConfig, CompareConfig, EvalConfig, SampleConfig, VizConfig
 
 # --------------------------------------------------------------------------------------------
 # command-line shims. LEGACY_ALIASES: legacy spelling -> (canonical key, inverted?), names from

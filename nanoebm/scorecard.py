@@ -17,7 +17,8 @@ import torch
 
 from nanoebm import runtime as rt, taskeval, tasks
 from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
-from nanoebm.config import DataConfig, EvalConfig
+from nanoebm.config import DataConfig
+from nanoebm.script_config import EvalConfig
 from nanoebm.diagnose import spearman
 from nanoebm.evaluate import masked_mean, paired_bootstrap, score_windows
 from nanoebm.generate import resolve_tokenizer

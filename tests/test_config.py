@@ -12,7 +12,8 @@ import pytest
 
 from nanoebm.checkpoint import model_config_from_dict
 from nanoebm.cli import check_presets
-from nanoebm.config import DataConfig, ModelConfig, SampleConfig, TrainRunConfig, VizConfig
+from nanoebm.config import DataConfig, ModelConfig, TrainRunConfig
+from nanoebm.script_config import SampleConfig, VizConfig
 from tests.conftest import REPO, compose
 
 

@@ -130,7 +130,7 @@ def test_word_flags():
 
 def test_bpe_checkpoint_on_a_parquet_folder(tmp_path):
     import evaluate as ev
-    from nanoebm.config import EvalConfig
+    from nanoebm.script_config import EvalConfig
     from tests.conftest import compose
     from tests.test_data_bpe import TEXT, train_ranks, write_ranks, write_shards
     from train import train

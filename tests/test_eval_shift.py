@@ -14,7 +14,7 @@ import evaluate as ev
 from nanoebm.scorecard import run_data
 import train as train_mod
 from nanoebm.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
-from nanoebm.config import EvalConfig
+from nanoebm.script_config import EvalConfig
 from nanoebm.evaluate import paired_bootstrap, score_windows, thinking_curve
 from nanoebm.shift import corrupt_set, text_set
 from nanoebm.tokenizer import tokenizer_from_meta

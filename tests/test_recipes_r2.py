@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 import compare
 import train as train_mod
 from nanoebm import diagnose as dg, recipes_table as rt
-from nanoebm.config import CompareConfig, EvalConfig
+from nanoebm.script_config import CompareConfig, EvalConfig
 from nanoebm.evaluate import score_windows
 from nanoebm.losses import ce
 from nanoebm.model import EBT
@@ -216,7 +216,7 @@ def test_cache_key_survives_a_new_eval_option_but_not_a_changed_one():
     import dataclasses
     import json
     from compare import cache_key
-    from nanoebm.config import EvalConfig
+    from nanoebm.script_config import EvalConfig
     new = dataclasses.asdict(EvalConfig(checkpoint="a/final.pt"))
     old = {k: v for k, v in new.items() if k != "probes"}  # written before `probes` existed
     assert cache_key(json.dumps(old)) == cache_key(json.dumps(new, sort_keys=True))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from evaluate import evaluate
-from nanoebm.config import EvalConfig
+from nanoebm.script_config import EvalConfig
 from nanoebm.evaluate import position_curve
 from nanoebm.model import EBT
 from nanoebm.startprobe import start_probes

@@ -196,7 +196,7 @@ def test_preset_trains_end_to_end(preset, cache, tmp_path):
     assert ck["meta"]["chars"] == sorted(set(train_text))
     # evaluate.py writes the task metrics: determined vs free positions, in and out of distribution
     import evaluate as ev
-    from nanoebm.config import EvalConfig
+    from nanoebm.script_config import EvalConfig
     res = ev.evaluate(EvalConfig(checkpoint=str(Path(summary["run_dir"]) / "final.pt"), sets=["val"],
                                  windows=6, bootstrap=20, task_lines=3, device="cpu",
                                  out_dir=str(tmp_path / "ev")))

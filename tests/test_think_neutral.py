@@ -16,7 +16,7 @@ import evaluate as ev
 import sample as sample_mod
 import train as train_mod
 from nanoebm import scorecard
-from nanoebm.config import EvalConfig, SampleConfig
+from nanoebm.script_config import EvalConfig, SampleConfig
 from nanoebm.losses import ebt_loss
 from nanoebm.model import EBT
 from nanoebm.think import think, without_sharpening
