@@ -129,7 +129,7 @@ def generate(model: EBT, idx: torch.Tensor, max_new_tokens: int, *, kv_cache: bo
     where nothing else needs it (e_init/e_final are then None); compile=True runs the think
     steps through torch.compile (the first token pays the compilation)."""
     t0 = time.time()
-    thinker = Thinker(model, compile=compile)
+    thinker = Thinker(model, compile=compile) if model.has_energy else None  # baseline: no steps
     bs = model.cfg.block_size
     seq = idx[:, -bs:]  # (B, T) the model never sees more than block_size tokens
     ctx = model.context(seq) if kv_cache else None  # prefill
@@ -168,7 +168,7 @@ def generate(model: EBT, idx: torch.Tensor, max_new_tokens: int, *, kv_cache: bo
         return GenOut(idx[:, :0], idx[:, :0].float(), None, None, None, seconds)
     return GenOut(tokens=_stack(toks), steps=_stack(steps), e_init=_stack(e0s),
                   e_final=_stack(e1s), logits=_stack(logits), seconds=seconds,
-                  compile_seconds=thinker.compile_s)
+                  compile_seconds=thinker.compile_s if thinker is not None else 0.0)
 
 
 def _stack(xs: list) -> torch.Tensor | None:

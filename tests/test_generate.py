@@ -248,3 +248,16 @@ def test_prompt_encoding_and_tokenizer_overrides(tmp_path):
         resolve_tokenizer({}, 300)
     with pytest.raises(ValueError, match="tokenizer=char"):
         resolve_tokenizer({}, 300, tokenizer="char")
+
+
+def test_the_plain_transformer_generates_greedily_from_its_s1_head():
+    """A baseline (think_steps=0) has no energy: generation is argmax of its S1 logits, token
+    by token, with and without the KV cache."""
+    m = tiny(think_steps=0)
+    idx = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(3))
+    out = generate(m, idx, 6)
+    seq = idx
+    for _ in range(6):  # the reference: the full window again, argmax of the last S1 logits
+        seq = torch.cat([seq, m.context(seq).s1_logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.tokens, seq[:, 5:])
+    assert torch.equal(generate(m, idx, 6, kv_cache=False).tokens, out.tokens)
