@@ -118,6 +118,14 @@ def curve_metrics(curve: dict, bits_name: str, prefix: str = "val_") -> dict:
 
 
 # ----------------------------------------------------------------- scoring a fixed set
+def window_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, device):
+    """(xb, yb, generator) for windows x, y (N, T), batch by batch; batch i's generator is
+    seeded seed + i, so every scorer of the same windows draws the same chain noise."""
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        yield xb, yb, torch.Generator(device=xb.device).manual_seed(seed + i // batch_size)
+
+
 @torch.no_grad()
 def score_windows(model: EBT, x: torch.Tensor, y: torch.Tensor, steps: int, *, trained_k: int,
                   bon: int = 0, think_noise: float = 0.5, batch_size: int = 32, seed: int = 0,
@@ -129,9 +137,7 @@ def score_windows(model: EBT, x: torch.Tensor, y: torch.Tensor, steps: int, *, t
     was_training = model.training
     model.eval()
     parts: dict[str, list] = {}
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        gen = torch.Generator(device=xb.device).manual_seed(seed + i // batch_size)
+    for xb, yb, gen in window_batches(x, y, batch_size, seed, device):
         with autocast or nullcontext():
             r = position_curve(model, xb, yb, steps, generator=gen)
             if bon > 1 and trained_k > 0:

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from nanoebm.checkpoint import atomic_write_text
-from nanoebm.scorecard import graded, ls_slope
+from nanoebm.scorecard import graded, ls_slope, save_figure
 
 
 def mean(xs):
@@ -147,13 +147,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax[1].set(xlabel="ln r (shift: baseline CE above its val CE)", ylabel="gain CE(0) − CE(K), nats",
               title="gain under shift (line: least squares over val + corrupt_*)")
     ax[1].axhline(0, color="k", lw=0.6)
-    for a in ax:
-        a.grid(alpha=0.3)
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def write(items: list[dict], sets: list[str], ks: list[int], bon: int, stem: Path) -> str:

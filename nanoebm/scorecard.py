@@ -266,6 +266,13 @@ def plot(results: list, path: Path) -> None:
               title="does thinking pay more under shift?")
     for a in ax:
         a.axhline(0, color="k", lw=0.6)
+    save_figure(fig, ax, path)
+
+
+def save_figure(fig, axes, path: Path) -> None:
+    """Grid and legend (where something is labelled) on every panel, then write and close."""
+    import matplotlib.pyplot as plt
+    for a in axes:
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)

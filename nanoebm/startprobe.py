@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoebm.evaluate import masked_mean
+from nanoebm.evaluate import masked_mean, window_batches
 from nanoebm.losses import ce
 from nanoebm.model import EBT
 from nanoebm.think import entropy, initial_logits, think
@@ -44,9 +44,7 @@ def start_probes(model: EBT, x: torch.Tensor, y: torch.Tensor, mask: torch.Tenso
     was_training = model.training
     model.eval()
     acc: dict[str, list] = {}
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        gen = torch.Generator(device=xb.device).manual_seed(seed + i // batch_size)
+    for xb, yb, gen in window_batches(x, y, batch_size, seed, device):
         ends = chain_ends(model, xb, yb, steps, gen)
         for name, (z0, zk) in ends.items():
             for tag, z in (("start", z0), ("end", zk)):

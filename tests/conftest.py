@@ -31,6 +31,19 @@ def tiny_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def lifted_model(vocab_size: int = 11, **kw):
+    """A tiny float64 EBT in training mode whose matrices are lifted off the near-zero init
+    (+ 0.1 N(0, 1)), so every path carries signal; torch seed 0."""
+    from nanoebm.model import EBT
+    torch.manual_seed(0)
+    m = EBT(tiny_cfg(vocab_size=vocab_size, **kw)).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.add_(0.1 * torch.randn_like(p))
+    return m.train()
+
+
 def compose(*overrides: str, config_name: str = "train"):
     """Build the typed config exactly as the CLI would (aliases and --key=value included)."""
     from hydra import compose as hcompose, initialize_config_dir

@@ -17,19 +17,13 @@ import torch
 from nanoebm.memory import SavedBytes
 from nanoebm.losses import ebt_loss, ebt_loss_stepwise, forward_backward
 from nanoebm.model import EBT
-from tests.conftest import tiny_cfg
+from tests.conftest import lifted_model
 
 B, T, V = 3, 8, 11
 
 
 def make_model(**kw) -> EBT:
-    torch.manual_seed(0)
-    m = EBT(tiny_cfg(vocab_size=V, **kw)).double()
-    with torch.no_grad():  # lift the near-zero init so every path carries signal
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.add_(0.1 * torch.randn_like(p))
-    return m.train()
+    return lifted_model(V, **kw)
 
 
 def batch():

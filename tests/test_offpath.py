@@ -14,7 +14,7 @@ import train as train_mod
 from nanoebm import offpath
 from nanoebm.losses import ebt_loss, forward_backward
 from nanoebm.model import EBT
-from tests.conftest import SMALL, compose, tiny_cfg
+from tests.conftest import SMALL, compose, lifted_model, tiny_cfg
 
 B, T, V = 3, 8, 11
 OPTIONS = [dict(think_start_scale=2.0, think_start_noise=0.5), dict(think_mixed_starts=0.5),
@@ -22,13 +22,7 @@ OPTIONS = [dict(think_start_scale=2.0, think_start_noise=0.5), dict(think_mixed_
 
 
 def make_model(**kw) -> EBT:
-    torch.manual_seed(0)
-    m = EBT(tiny_cfg(vocab_size=V, **kw)).double()
-    with torch.no_grad():  # lift the near-zero init so every path carries signal
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.add_(0.1 * torch.randn_like(p))
-    return m.train()
+    return lifted_model(V, **kw)
 
 
 def batch(seed: int = 1):
