@@ -11,7 +11,8 @@ plots.
 
 With eval_sets=[...] every thinking run is also scored by evaluate.py's machinery against the
 plain transformer of its seed (results/<eval_name>.*), over `jobs` processes, cached in its run
-folder; eval_variants adds rows that score a run's checkpoint with other EvalConfig fields.
+folder (nanoebm/suite_eval.py); eval_variants adds rows that score a run's checkpoint with other
+EvalConfig fields.
 
 Each run keeps its record in results/runs/<name>_s<seed>/record.json: re-running a suite scores
 finished runs without retraining them, and results/<suite>.json keeps runs from earlier calls
@@ -23,7 +24,6 @@ overrides, in a process of its own.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -37,7 +37,7 @@ from pathlib import Path
 import hydra
 from omegaconf import OmegaConf
 
-from nanoebm import tasks
+from nanoebm import suite_eval, tasks
 from nanoebm.script_config import CompareConfig
 from nanoebm.cli import apply_cli_shims, register_configs, rewrite_argv
 
@@ -253,106 +253,6 @@ def plots(records: list[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
-def eval_one(job: dict) -> dict:
-    """Score one checkpoint on the eval sets (in a worker process); cache the result."""
-    import torch
-    from nanoebm.checkpoint import atomic_write_text
-    from nanoebm.script_config import EvalConfig
-    from nanoebm.scorecard import score_checkpoint
-    torch.set_num_threads(job["threads"])
-    text = json.dumps({"key": job["key"], **score_checkpoint(EvalConfig(**job["eval"]))}, indent=1)
-    atomic_write_text(job["cache"], text)
-    return json.loads(text)  # as a later call reads it from the cache
-
-
-def cache_key(key: str | None) -> str | None:
-    """An eval cache key (JSON of EvalConfig's fields) without the fields at their defaults,
-    so that adding an option to EvalConfig leaves the caches written before it valid."""
-    from nanoebm.script_config import EvalConfig
-    if key is None:
-        return None
-    default = dataclasses.asdict(EvalConfig())
-    return json.dumps({k: v for k, v in json.loads(key).items() if k not in default or v != default[k]},
-                      sort_keys=True)
-
-
-def score_evals(jobs: list[dict], workers: int) -> list[dict]:
-    """Every job's result: read from its cache when the key matches (no process started),
-    the rest scored over `workers` processes."""
-    res = []
-    for j in jobs:
-        c = Path(j["cache"])
-        r = json.loads(c.read_text()) if c.exists() else {}
-        res.append(r if cache_key(r.get("key")) == cache_key(j["key"]) else None)
-    todo = [i for i, r in enumerate(res) if r is None]
-    if todo:
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn")) as ex:
-            for i, r in zip(todo, ex.map(eval_one, [jobs[i] for i in todo])):
-                res[i] = r
-    return res
-
-
-def eval_items(cc: CompareConfig, records: list[dict]) -> list[dict]:
-    """One item per run and per eval variant of a thinking run, in table order; thinking runs
-    carry a scoring job with the plain transformer of the same seed as the reference."""
-    from nanoebm.script_config import EvalConfig
-    base = {r["seed"]: r["run_dir"] for r in records if r["trained_k"] == 0}
-    items = []
-    for r in records:
-        variants = {v: spec["eval"] for v, spec in cc.eval_variants.items() if spec["run"] == r["name"]}
-        if r["trained_k"] == 0:
-            if variants:
-                raise ValueError(f"eval_variants.{next(iter(variants))}: run {r['name']} is a plain "
-                                 "transformer (nothing to think): name a thinking run")
-            items.append({"name": r["name"], "seed": r["seed"], "record": r, "eval": None, "variant": None})
-            continue
-        ec = EvalConfig(checkpoint=str(Path(r["run_dir"]) / "final.pt"), sets=list(cc.eval_sets),
-                        baseline=str(Path(base[r["seed"]]) / "final.pt") if r["seed"] in base else None,
-                        windows=cc.eval_windows, bon=cc.n_candidates, think_noise=cc.think_noise,
-                        seed=cc.eval_seed, diagnose=cc.diagnose, steps=max(cc.eval_steps),
-                        probes=cc.eval_probes)
-        for name, over in [(r["name"], None), *variants.items()]:
-            e = dataclasses.asdict(dataclasses.replace(ec, **(over or {})))
-            cache = Path(r["run_dir"]) / ("shift_eval.json" if over is None else f"shift_eval_{name}.json")
-            items.append({"name": name, "seed": r["seed"], "record": r,
-                          "variant": None if over is None else {"run": r["name"], "eval": over},
-                          "job": {"eval": e, "key": json.dumps(e, sort_keys=True), "cache": str(cache),
-                                  "threads": max(1, cc.threads)}})
-    return items
-
-
-def shift_eval(cc: CompareConfig, records: list[dict], out: Path, name: str) -> None:
-    """evaluate.py's sets on every thinking run and eval variant, cached per run folder, scored
-    over cc.jobs processes, combined into results/<name>.* (eval_table=recipes: the one-row-
-    per-recipe table there, the per-run tables in results/<name>_runs.*)"""
-    from nanoebm import recipes_table
-    from nanoebm.checkpoint import atomic_write_text
-    from nanoebm.diagnose import report
-    from nanoebm.scorecard import plot, table
-    items = eval_items(cc, records)
-    scored = [it for it in items if "job" in it]
-    if not scored:
-        raise ValueError("eval_sets= scores thinking runs: this call has none (see only=)")
-    for it, res in zip(scored, score_evals([it["job"] for it in scored], cc.jobs)):
-        it["eval"] = res
-    results, md = [], []
-    for it in scored:
-        label, res = f"{it['name']} s{it['seed']}", it["eval"]
-        results.append((label, res))
-        md += [f"## {label}", "", table(res), ""]
-        if res.get("diagnose"):
-            md += [f"### diagnostics, {label}", "", report(res["diagnose"]), ""]
-    runs = f"{name}_runs" if cc.eval_table == "recipes" else name
-    atomic_write_text(out / f"{runs}.json", json.dumps(
-        [{"run": lab, **{k: v for k, v in res.items() if k != "key"}} for lab, res in results], indent=1))
-    atomic_write_text(out / f"{runs}.md", "\n".join(md) + "\n")
-    plot(results, out / f"{runs}.png")
-    print("\n".join(md))
-    if cc.eval_table == "recipes":
-        print(recipes_table.write(items, list(cc.eval_sets), list(cc.eval_steps), cc.n_candidates, out / name))
-    print(f"wrote {out / name}.json, .md, .png" + (f" and {out / runs}.*" if runs != name else ""))
-
-
 @hydra.main(version_base="1.3", config_path="configs", config_name="compare")
 def main(cfg) -> None:
     try:
@@ -402,7 +302,7 @@ def main(cfg) -> None:
     if cc.eval_sets:
         this_call = [r for r in records if r["seed"] in cc.seeds and r["name"] in names]
         try:
-            shift_eval(cc, this_call, out, eval_name)
+            suite_eval.shift_eval(cc, this_call, out, eval_name)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
 

@@ -15,9 +15,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import compare
 import train as train_mod
-from nanoebm import diagnose as dg, recipes_table as rt
+from nanoebm import diagnose as dg, recipes_table as rt, suite_eval
 from nanoebm.script_config import CompareConfig, EvalConfig
 from nanoebm.evaluate import score_windows
 from nanoebm.losses import ce
@@ -153,14 +152,14 @@ def test_parallel_scoring_equals_sequential_variants_and_free_cache(tiny_runs, m
                        eval_steps=[0, 1, 2], n_candidates=2,
                        eval_variants={"v3": {"run": "ebt", "eval": {"steps": 3}},
                                       "vn": {"run": "ebt", "eval": {"think_noise": 0.0}}})
-    items = compare.eval_items(cc, tiny_runs)
+    items = suite_eval.eval_items(cc, tiny_runs)
     assert [(it["name"], "job" in it) for it in items] == [
         ("baseline", False), ("ebt", True), ("v3", True), ("vn", True)]
     jobs = [it["job"] for it in items[1:]]
-    par = compare.score_evals(jobs, 2)
+    par = suite_eval.score_evals(jobs, 2)
     for j in jobs:
         Path(j["cache"]).unlink()
-    seq = compare.score_evals(jobs, 1)
+    seq = suite_eval.score_evals(jobs, 1)
     assert par == seq
     ebt, v3, vn = seq
     ckpt = str(Path(tiny_runs[1]["run_dir"]) / "final.pt")
@@ -175,11 +174,11 @@ def test_parallel_scoring_equals_sequential_variants_and_free_cache(tiny_runs, m
 
     def no_pool(*a, **k):
         raise AssertionError("a cached result started a process")
-    monkeypatch.setattr(compare, "ProcessPoolExecutor", no_pool)
-    assert compare.score_evals(jobs, 2) == seq
+    monkeypatch.setattr(suite_eval, "ProcessPoolExecutor", no_pool)
+    assert suite_eval.score_evals(jobs, 2) == seq
     with pytest.raises(ValueError, match="run baseline is a plain transformer"):
         on_base = CompareConfig(runs=cc.runs, eval_variants={"vb": {"run": "baseline", "eval": {}}})
-        compare.eval_items(on_base, tiny_runs)
+        suite_eval.eval_items(on_base, tiny_runs)
 
 
 @pytest.mark.slow
@@ -215,7 +214,7 @@ def test_compare_writes_the_recipe_table_and_variant_rows(tmp_path):
 def test_cache_key_survives_a_new_eval_option_but_not_a_changed_one():
     import dataclasses
     import json
-    from compare import cache_key
+    from nanoebm.suite_eval import cache_key
     from nanoebm.script_config import EvalConfig
     new = dataclasses.asdict(EvalConfig(checkpoint="a/final.pt"))
     old = {k: v for k, v in new.items() if k != "probes"}  # written before `probes` existed
