@@ -16,7 +16,10 @@ EvalConfig fields.
 
 Each run keeps its record in results/runs/<name>_s<seed>/record.json: re-running a suite scores
 finished runs without retraining them, and results/<suite>.json keeps runs from earlier calls
-(e.g. a second seed added later), replacing only the (name, seed) pairs run again.
+(e.g. a second seed added later), replacing only the (name, seed) pairs run again. The shift
+evaluation does the same with its per-run results (results/<eval_name>_runs.json), so a search
+spread over several machines, whose run folders did not travel, still ends in one table. At a
+scale other than cpu both file names carry it (e.g. thinking_recipes_r2_cpu2000.*).
 
 A suite (configs/suite/*.yaml) is a base list of train.py overrides plus named runs, each its
 own override list; anything train.py accepts works there: each run is `python train.py` with its
@@ -277,7 +280,7 @@ def main(cfg) -> None:
     with ProcessPoolExecutor(max_workers=cc.jobs, mp_context=get_context("spawn")) as ex:
         records = list(ex.map(run_one, jobs))
     out.mkdir(parents=True, exist_ok=True)
-    stem, eval_name = f"{cc.suite}{tag}", cc.eval_name or f"{cc.suite}_eval{tag}"
+    stem, eval_name = f"{cc.suite}{tag}", f"{cc.eval_name or cc.suite + '_eval'}{tag}"
     stem += "_train" if eval_name == stem else ""  # the eval table took the suite's own name
     path = out / f"{stem}.json"
     if path.exists():  # keep earlier runs of this suite (other names/seeds); replace re-runs
@@ -300,9 +303,9 @@ def main(cfg) -> None:
     plots(records, out / f"{stem}.png")
     print(f"wrote {path} and {out / f'{stem}.md'}")
     if cc.eval_sets:
-        this_call = [r for r in records if r["seed"] in cc.seeds and r["name"] in names]
+        fresh = {(r["name"], r["seed"]) for r in records if r["seed"] in cc.seeds and r["name"] in names}
         try:
-            suite_eval.shift_eval(cc, this_call, out, eval_name)
+            suite_eval.shift_eval(cc, records, out, eval_name, fresh)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
 

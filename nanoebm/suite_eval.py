@@ -81,28 +81,50 @@ def eval_items(cc: CompareConfig, records: list[dict]) -> list[dict]:
     return items
 
 
-def shift_eval(cc: CompareConfig, records: list[dict], out: Path, name: str) -> None:
+def earlier_results(path: Path) -> dict[str, dict]:
+    """The per-run results an earlier call of the suite wrote (<name>_runs.json), by label."""
+    if not path.exists():
+        return {}
+    return {x["run"]: {k: v for k, v in x.items() if k != "run"} for x in json.loads(path.read_text())}
+
+
+def shift_eval(cc: CompareConfig, records: list[dict], out: Path, name: str,
+               fresh: set[tuple[str, int]]) -> None:
     """evaluate.py's sets on every thinking run and eval variant, cached per run folder, scored
     over cc.jobs processes, combined into results/<name>.* (eval_table=recipes: the one-row-
-    per-recipe table there, the per-run tables in results/<name>_runs.*)"""
+    per-recipe table there, the per-run tables in results/<name>_runs.*).
+
+    records: the suite's records, earlier calls' included; fresh: the (name, seed) pairs of this
+    call, which are scored. The other runs keep the result an earlier call wrote, so a search
+    that spans machines (run folders not carried over) still tabulates every recipe; a run with
+    neither is left out."""
     from nanoebm import recipes_table
     from nanoebm.checkpoint import atomic_write_text
     from nanoebm.diagnose import report
     from nanoebm.scorecard import plot, table
-    items = eval_items(cc, records)
-    scored = [it for it in items if "job" in it]
-    if not scored:
+    runs = f"{name}_runs" if cc.eval_table == "recipes" else name
+    earlier = earlier_results(out / f"{runs}.json")
+    items, todo = [], []
+    for it in eval_items(cc, records):
+        label = f"{it['name']} s{it['seed']}"
+        if "job" in it and (it["record"]["name"], it["seed"]) in fresh:
+            todo.append(it)
+        elif "job" in it:
+            if label not in earlier:
+                continue
+            it["eval"] = earlier[label]
+        items.append(it)
+    if not todo:
         raise ValueError("eval_sets= scores thinking runs: this call has none (see only=)")
-    for it, res in zip(scored, score_evals([it["job"] for it in scored], cc.jobs)):
+    for it, res in zip(todo, score_evals([it["job"] for it in todo], cc.jobs)):
         it["eval"] = res
     results, md = [], []
-    for it in scored:
+    for it in [it for it in items if "job" in it]:
         label, res = f"{it['name']} s{it['seed']}", it["eval"]
         results.append((label, res))
         md += [f"## {label}", "", table(res), ""]
         if res.get("diagnose"):
             md += [f"### diagnostics, {label}", "", report(res["diagnose"]), ""]
-    runs = f"{name}_runs" if cc.eval_table == "recipes" else name
     atomic_write_text(out / f"{runs}.json", json.dumps(
         [{"run": lab, **{k: v for k, v in res.items() if k != "key"}} for lab, res in results], indent=1))
     atomic_write_text(out / f"{runs}.md", "\n".join(md) + "\n")

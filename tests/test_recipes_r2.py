@@ -131,7 +131,7 @@ def test_suite_file_declares_the_round2_search():
     assert s["suite"] == s["eval_name"] == "thinking_recipes_r2" and s["eval_table"] == "recipes"
     assert s["eval_sets"] == ["val", "train_seen", "train_unseen", "corrupt_05", "corrupt_20"]
     assert s["runs"]["baseline"] == ["model.think_steps=0"] and s["runs"]["default"] == []
-    assert len(s["runs"]) == 10
+    assert len(s["runs"]) == 11 and s["runs"]["h7_trained"] == ["model.think_neutral=true"]
     assert s["eval_variants"] == {"h7_neutral": {"run": "default", "eval": {"think_neutral": True}}}
 
 
@@ -230,3 +230,34 @@ def test_probe_columns_are_means_over_seeds():
     cells = rt.probe_cells([probe(0.1, 0.2), probe(0.3, 0.4)])
     assert cells == pytest.approx({"dH_flat": 0.2, "dH_sharp": -0.2, "tv_paths": 0.3})
     assert rt.probe_cells([]) == {}
+
+
+def test_earlier_results_are_kept_for_runs_not_scored_again(tmp_path, monkeypatch):
+    """A call scores only its own runs; the others keep the per-run result an earlier call wrote
+    (their run folders may be on another machine), and a run with neither is left out."""
+    rec = lambda n, k: {"name": n, "seed": 1, "run_dir": str(tmp_path / n), "trained_k": k,  # noqa: E731
+                        "ms_per_step": 10.0, "alpha": [1.0]}
+    records = [rec("baseline", 0), rec("ebt", 2), rec("old", 2), rec("lost", 2)]
+    stale, kept = synthetic(1, 0.0, [0.5, 0.5, 0.5, 0.5]), synthetic(2, 0.0, [0.02, 0.01, -0.01, -0.07])
+    (tmp_path / "t_runs.json").write_text(json.dumps([{"run": "ebt s1", **stale}, {"run": "old s1", **kept}]))
+    new = synthetic(1, 0.0, [0.01, 0.03, -0.02, -0.05])
+    scored = []
+
+    def fake_scores(jobs, workers):
+        scored.extend(Path(j["eval"]["checkpoint"]).parent.name for j in jobs)
+        return [new for _ in jobs]
+    monkeypatch.setattr(suite_eval, "score_evals", fake_scores)
+    monkeypatch.setattr("nanoebm.scorecard.table", lambda res: "per-run table")  # needs full results
+    monkeypatch.setattr("nanoebm.scorecard.plot", lambda results, path: None)
+    cc = CompareConfig(runs={n["name"]: [] for n in records}, eval_sets=list(new["sets"]),
+                       eval_steps=[0, 1, 2], eval_table="recipes")
+    suite_eval.shift_eval(cc, records, tmp_path, "t", fresh={("baseline", 1), ("ebt", 1)})
+    assert scored == ["ebt"]
+    per_run = {x["run"]: x for x in json.loads((tmp_path / "t_runs.json").read_text())}
+    assert list(per_run) == ["ebt s1", "old s1"]
+    assert per_run["ebt s1"]["sets"] == new["sets"] and per_run["old s1"]["sets"] == kept["sets"]
+    rows = {r["recipe"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    assert list(rows) == ["baseline", "ebt", "old"]
+    assert rows["old"]["gain"]["corrupt_20"] == -0.07 and rows["ebt"]["gain"]["corrupt_20"] == -0.05
+    with pytest.raises(ValueError, match="this call has none"):
+        suite_eval.shift_eval(cc, records, tmp_path, "t", fresh={("baseline", 1)})
