@@ -111,7 +111,7 @@ def table(rows: list[dict], sets: list[str], ks: list[int], bon: int) -> str:
              "the first listed seed's. slope: least squares of gain on ln r over val + corrupt_*, per "
              "seed, then the mean. Spearman over val positions at k=K (> 0: lower energy, lower CE). dH: "
              "entropy change over the probe chain from 0.5x and 2x the S1 logits (a calibrating "
-             "landscape: + / −; pure sharpening: − / −); TV: distance between the answers from the S1 "
+             "landscape: − / +; pure sharpening: − / −); TV: distance between the answers from the S1 "
              "and a noise start (0: path independent). ms/step: each run's own training speed, comparable "
              "only between runs trained side by side (the machine is shared)."]
     notes += [f"- {r['recipe']}: the checkpoint of {r['variant']['run']}, scored with "

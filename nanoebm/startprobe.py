@@ -2,8 +2,9 @@
 
     sharpness response   start from s * z_S1 for s = 0.5 (flatter than S1), 1, 2 (sharper) and
                          descend K steps: a landscape whose minimum is the calibrated answer
-                         raises the entropy from s = 0.5 and lowers it from s = 2; a step that
-                         only sharpens lowers it from every start.
+                         lowers the entropy from s = 0.5 and raises it from s = 2 (it pulls
+                         both back toward the answer); a step that only sharpens lowers it
+                         from every start.
     path independence    descend `steps` steps from S1 and from noise N(0, think_init_std^2):
                          the total-variation distance between the two final distributions (0:
                          the answer does not depend on where thinking started), and each CE.

@@ -53,6 +53,18 @@ def test_sharpness_response_follows_the_landscape(monkeypatch, sign):
         assert (h1 < h0) if sign > 0 else (h1 > h0)
 
 
+def test_a_landscape_with_its_minimum_at_s1_calibrates(monkeypatch):
+    """E = KL(p || p_S1) has its minimum at the System-1 answer: descent sharpens the flat start
+    (entropy falls from s = 0.5) and flattens the sharp one (rises from s = 2): the "− / +"
+    signature of a calibrating landscape, against the "− / −" of pure sharpening."""
+    m, x, y, mask = model_and_windows(think_lr=0.3, think_prox_weight=0.0)
+    kl = lambda ctx, p, **kw: (p * (p.clamp_min(1e-20).log() - torch.log_softmax(ctx.s1_logits, -1))).sum(-1)  # noqa: E731
+    monkeypatch.setattr(m, "energy", kl)
+    p = start_probes(m, x, y, mask, 2)
+    dh = {s: r["entropy"][1] - r["entropy"][0] for s, r in p["sharpness"].items()}
+    assert dh["s=0.5"] < -1e-3 and dh["s=2"] > 1e-3 and abs(dh["s=1"]) < 1e-5
+
+
 def test_evaluate_writes_the_probes(trained_ckpt, tmp_path):
     evaluate(EvalConfig(checkpoint=str(trained_ckpt), sets=["val"], windows=8, bon=0,
                         steps=2, probes=True, out_dir=str(tmp_path)))
