@@ -4,9 +4,9 @@ Each item is one scored run (or an inference-only variant of one): its compare.p
 cost, learned alpha, trained K) and its scorecard result (nanoebm/scorecard.py), None for the
 plain transformer. A row holds, on the same fixed windows for every recipe:
     val CE at k = 0, 1, 2, ...        and best-of-N at the trained K
-    gain  g = CE(k=0) - CE(k=K)       on every set; its paired-bootstrap 95% interval is the one
-                                      of the first seed listed (intervals do not average)
-    slope of g on ln r                least squares over val + corrupt_*, per seed, then the mean
+    gain  g = CE(k=0) - CE(k=K)       on every set, per seed with its paired-bootstrap 95%
+                                      interval (intervals do not average; the json adds the mean)
+    slope of g on ln r                least squares over val + corrupt_*, per seed (and the mean)
     Spearman(E(z_K), CE(z_K))         over val positions: does the energy rank its own answers?
     start probes (eval_probes)        entropy change from 0.5x and 2x S1 starts, TV distance of
                                       the S1-start and noise-start answers (nanoebm/startprobe.py)
@@ -79,7 +79,11 @@ def recipe_rows(items: list[dict], sets: list[str], ks: list[int]) -> list[dict]
             "ln_r": {s: mean([e["sets"][s].get("ln_r") for e in ev if s in e["sets"]]) for s in sets},
             "gain": {s: mean([e["sets"][s].get("gain") for e in ev if s in e["sets"]]) for s in sets},
             "gain_ci": {s: ev[0]["sets"][s]["gain_ci"] for s in sets if "gain_ci" in ev[0]["sets"].get(s, {})},
+            # each seed's own gain and interval: a result needs both seeds to agree
+            "gain_by_seed": {s: [e["sets"].get(s, {}).get("gain") for e in ev] for s in sets},
+            "gain_ci_by_seed": {s: [e["sets"].get(s, {}).get("gain_ci") for e in ev] for s in sets},
             "ci_seed": its[0]["seed"], "slope_graded": mean([seed_slope(e) for e in ev]),
+            "slope_by_seed": [seed_slope(e) for e in ev],
             "spearman_val": mean([seed_spearman(e) for e in ev]),
             "alpha": [mean(a) for a in zip(*alphas)]})
         row.update(probe_cells([e["probes"] for e in ev if e.get("probes")]))
@@ -99,17 +103,20 @@ def table(rows: list[dict], sets: list[str], ks: list[int], bon: int) -> str:
     for r in rows:
         cells = [r["recipe"], ",".join(map(str, r["seeds"])), str(r["trained_k"])]
         cells += [f(r["val_ce_k"].get(k)) for k in ks] + [f(r.get("val_ce_bon"))]
-        for s in sets:
-            g, ci = r.get("gain", {}).get(s), r.get("gain_ci", {}).get(s)
-            cells.append(f(g, "+.4f") + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""))
-        cells += [f(r.get("slope_graded"), "+.4f"), f(r.get("spearman_val"), "+.3f"),
+        for s in sets:  # one "gain [interval]" per seed
+            gs = r.get("gain_by_seed", {}).get(s) or [r.get("gain", {}).get(s)]
+            cis = r.get("gain_ci_by_seed", {}).get(s) or [r.get("gain_ci", {}).get(s)]
+            cells.append(" / ".join(f(g, "+.4f") + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+                                    for g, ci in zip(gs, cis)))
+        slopes = r.get("slope_by_seed") or [r.get("slope_graded")]
+        cells += [" / ".join(f(b, "+.4f") for b in slopes), f(r.get("spearman_val"), "+.3f"),
                   f"{f(r.get('dH_flat'), '+.3f')} / {f(r.get('dH_sharp'), '+.3f')}",
                   f(r.get("tv_paths"), ".3f"), f(r["ms_per_step"], ".0f"), "/".join(f"{a:.3g}" for a in r.get("alpha") or []) or "–"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "Val CE in nats on the fixed eval windows, mean over the seeds listed. gain = CE(k=0) − "
-             "CE(k=K), > 0 where thinking helped; its 95% interval (paired bootstrap over windows) is "
-             "the first listed seed's. slope: least squares of gain on ln r over val + corrupt_*, per "
-             "seed, then the mean. Spearman over val positions at k=K (> 0: lower energy, lower CE). dH: "
+             "CE(k=K), > 0 where thinking helped, per seed (in the order listed) with its 95% interval "
+             "(paired bootstrap over windows). slope: least squares of gain on ln r over val + "
+             "corrupt_*, per seed. Spearman over val positions at k=K (> 0: lower energy, lower CE). dH: "
              "entropy change over the probe chain from 0.5x and 2x the S1 logits (a calibrating "
              "landscape: − / +; pure sharpening: − / −); TV: distance between the answers from the S1 "
              "and a noise start (0: path independent). ms/step: each run's own training speed, comparable "

@@ -102,9 +102,12 @@ def test_recipe_table_from_synthetic_records():
     lines = md.splitlines()
     assert lines[0].startswith("| recipe | seeds | K | val k=0 | val k=1 |") and "best-of-4 at K" in lines[0]
     row = next(x for x in lines if x.startswith("| ebt |")).split(" | ")
-    assert row[1:3] == ["1,2", "2"] and row[8] == "2.5150" and row[9] == "+0.0150 [+0.0000, +0.0200]"
-    assert row[-6] == f"{np.mean(slopes):+.4f}" and row[-5] == "+0.300" and row[-1] == "0.6/1.5 |"
+    assert row[1:3] == ["1,2", "2"] and row[8] == "2.5150"
+    assert row[9] == "+0.0100 [+0.0000, +0.0200] / +0.0200 [+0.0000, +0.0400]"  # each seed's own
+    assert ebt["gain_by_seed"]["corrupt_20"] == [-0.05, -0.07] and ebt["slope_by_seed"] == pytest.approx(slopes)
+    assert row[-6] == f"{slopes[0]:+.4f} / {slopes[1]:+.4f}" and row[-5] == "+0.300" and row[-1] == "0.6/1.5 |"
     assert row[-4] == "– / –" and row[-3] == "–"  # no probes scored
+    assert next(x for x in lines if x.startswith("| neutral |")).split(" | ")[9] == "+0.0100 [+0.0000, +0.0200]"
     assert next(x for x in lines if x.startswith("| baseline |")).count("–") == 15
     assert "- neutral: the checkpoint of ebt, scored with think_noise=0.1" in md
 
