@@ -132,3 +132,16 @@ def test_shift_eval_of_every_thinking_run(tmp_path):
     md = (tmp_path / "eval_tiny.md").read_text()
     assert "## ebt s1" in md and "| corrupt_10 |" in md and "diagnostics, ebt s1" in md
     assert (tmp_path / "eval_tiny.png").stat().st_size > 5000
+
+
+def test_task_table_gives_each_seed_its_own_gain():
+    from compare import task_table
+    det = lambda g: {"ce_k": [1.0, 1.0 - g, 0.9], "gain": g, "gain_ci": [g - 0.01, g + 0.01],  # noqa: E731
+                     "acc_k": [0.5, 0.6, 0.7], "acc_bon": 0.55}
+    recs = [{"name": "ebt", "seed": s, "trained_k": 1, "task": {"groups": {"val": {"determined": det(g)},
+                                                                           "ood": {"determined": det(-g)}}}}
+            for s, g in ((1, 0.02), (2, -0.03))]
+    row = next(x for x in task_table(recs).splitlines() if x.startswith("| ebt |")).split(" | ")
+    assert row[1] == "1,2" and row[2:4] == ["1.0000", "1.0050"]  # means over the seeds
+    assert row[4] == "+0.0200 [+0.0100, +0.0300] / -0.0300 [-0.0400, -0.0200]"
+    assert row[10] == "-0.0200 [-0.0300, -0.0100] / +0.0300 [+0.0200, +0.0400]"
