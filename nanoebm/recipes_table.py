@@ -73,17 +73,17 @@ def recipe_rows(items: list[dict], sets: list[str], ks: list[int]) -> list[dict]
             continue
         vals = [e["sets"]["val"] for e in ev if "val" in e["sets"]]
         alphas = [it["record"]["alpha"] for it in its]
+        # each seed's own gain, interval and slope: a result needs both seeds to agree
+        gains = {s: [e["sets"].get(s, {}).get("gain") for e in ev] for s in sets}
+        slopes = [seed_slope(e) for e in ev]
         row.update({
             "val_ce_k": {k: mean([v["ce_k"][k] for v in vals if k < len(v["ce_k"])]) for k in ks},
             "val_ce_bon": mean([v.get("ce_bon") for v in vals]),
             "ln_r": {s: mean([e["sets"][s].get("ln_r") for e in ev if s in e["sets"]]) for s in sets},
-            "gain": {s: mean([e["sets"][s].get("gain") for e in ev if s in e["sets"]]) for s in sets},
+            "gain": {s: mean(g) for s, g in gains.items()}, "gain_by_seed": gains,
             "gain_ci": {s: ev[0]["sets"][s]["gain_ci"] for s in sets if "gain_ci" in ev[0]["sets"].get(s, {})},
-            # each seed's own gain and interval: a result needs both seeds to agree
-            "gain_by_seed": {s: [e["sets"].get(s, {}).get("gain") for e in ev] for s in sets},
             "gain_ci_by_seed": {s: [e["sets"].get(s, {}).get("gain_ci") for e in ev] for s in sets},
-            "ci_seed": its[0]["seed"], "slope_graded": mean([seed_slope(e) for e in ev]),
-            "slope_by_seed": [seed_slope(e) for e in ev],
+            "ci_seed": its[0]["seed"], "slope_graded": mean(slopes), "slope_by_seed": slopes,
             "spearman_val": mean([seed_spearman(e) for e in ev]),
             "alpha": [mean(a) for a in zip(*alphas)]})
         row.update(probe_cells([e["probes"] for e in ev if e.get("probes")]))
@@ -103,13 +103,11 @@ def table(rows: list[dict], sets: list[str], ks: list[int], bon: int) -> str:
     for r in rows:
         cells = [r["recipe"], ",".join(map(str, r["seeds"])), str(r["trained_k"])]
         cells += [f(r["val_ce_k"].get(k)) for k in ks] + [f(r.get("val_ce_bon"))]
-        for s in sets:  # one "gain [interval]" per seed
-            gs = r.get("gain_by_seed", {}).get(s) or [r.get("gain", {}).get(s)]
-            cis = r.get("gain_ci_by_seed", {}).get(s) or [r.get("gain_ci", {}).get(s)]
+        for s in sets:  # one "gain [interval]" per seed; "–" for the plain transformer
+            gs, cis = r.get("gain_by_seed", {}).get(s, [None]), r.get("gain_ci_by_seed", {}).get(s, [None])
             cells.append(" / ".join(f(g, "+.4f") + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
                                     for g, ci in zip(gs, cis)))
-        slopes = r.get("slope_by_seed") or [r.get("slope_graded")]
-        cells += [" / ".join(f(b, "+.4f") for b in slopes), f(r.get("spearman_val"), "+.3f"),
+        cells += [" / ".join(f(b, "+.4f") for b in r.get("slope_by_seed", [None])), f(r.get("spearman_val"), "+.3f"),
                   f"{f(r.get('dH_flat'), '+.3f')} / {f(r.get('dH_sharp'), '+.3f')}",
                   f(r.get("tv_paths"), ".3f"), f(r["ms_per_step"], ".0f"), "/".join(f"{a:.3g}" for a in r.get("alpha") or []) or "–"]
         lines.append("| " + " | ".join(cells) + " |")
