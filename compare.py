@@ -3,11 +3,9 @@ the same fixed val windows: the thinking curve (val loss at inference think step
 train ms/step, wall-clock, the learned alpha. Writes results/<suite>.json, a markdown table and
 plots.
 
-    uv run python compare.py suite=recipes jobs=2          # the thinking-recipe search
-    uv run python compare.py suite=recipes_r2 jobs=2       # round 2: one row per recipe, shift
     uv run python compare.py suite=compare                 # EBT vs Transformer (results)
     uv run python compare.py suite=compare scale=gpu       # the same at the 6x384 default size
-    uv run python compare.py suite=recipes "only=[r0_baseline,r1_default]" seeds=[1,2]
+    uv run python compare.py suite=compare "only=[baseline,ebt]" seeds=[1337,1338]
 
 With eval_sets=[...] every thinking run is also scored by evaluate.py's machinery against the
 plain transformer of its seed (results/<eval_name>.*), over `jobs` processes, cached in its run
@@ -19,7 +17,7 @@ finished runs without retraining them, and results/<suite>.json keeps runs from 
 (e.g. a second seed added later), replacing only the (name, seed) pairs run again. The shift
 evaluation does the same with its per-run results (results/<eval_name>_runs.json), so a search
 spread over several machines, whose run folders did not travel, still ends in one table. At a
-scale other than cpu both file names carry it (e.g. thinking_recipes_r2_cpu2000.*).
+scale other than cpu both file names carry it (e.g. compare_cpu2000.*).
 
 A suite (configs/suite/*.yaml) is a base list of train.py overrides plus named runs, each its
 own override list; anything train.py accepts works there: each run is `python train.py` with its

@@ -32,7 +32,6 @@ from nanoebm.evaluate import curve_metrics, thinking_curve
 from nanoebm.losses import forward_backward
 from nanoebm.memory import fit_batch
 from nanoebm.model import EBT
-from nanoebm.offpath import split_b_mask
 from nanoebm.shaping import EnergyShaping, val_energy_margin
 
 
@@ -118,11 +117,10 @@ def train(cfg: TrainRunConfig) -> dict:
             # step where that gives the same gradients), so micro-batches accumulate in .grad.
             log_now = master and (step % tc.log_interval == 0 or step == tc.max_steps - 1)
             for micro in range(accum):
-                x, y, split_b = train_batch(data, B, T, data_gen, device, rank, world, model.cfg)
+                x, y = data.get_batch("train", B, T, data_gen, device, rank, world)
                 with autocast:
                     loss, m = forward_backward(model, x, y, scale=1.0 / accum, shaping=shaping,
-                                               want_metrics=log_now and micro == accum - 1,
-                                               split_b=split_b)
+                                               want_metrics=log_now and micro == accum - 1)
 
             # Average the gradients over ranks, clip, step.
             rt.allreduce_grads(model.parameters(), world)
@@ -140,7 +138,7 @@ def train(cfg: TrainRunConfig) -> dict:
             if log_now:
                 n_tok = B * T * accum * world  # tokens per step, all ranks
                 tok_s = n_tok * (tc.log_interval if step > start_step + 1 else 1) / max(clock.lap(), 1e-9)
-                row = train_row(step, loss.item(), m, lr, model.alpha.detach().flatten().tolist(),
+                row = train_row(step, loss.item(), m, lr, model.alpha.item(),
                                 data.bits_name, tok_s, step * n_tok, clock.elapsed())
                 log.write(row)
                 eta = clock.total() / (step - start_step) * (tc.max_steps - step)
@@ -164,14 +162,6 @@ def train(cfg: TrainRunConfig) -> dict:
         if log.wandb is not None:
             log.wandb.finish()
     return {"run_dir": run_dir, "step": step, **last_eval}
-
-
-def train_batch(data, B: int, T: int, gen, device, rank: int, world: int, mc):
-    """One training micro-batch (x, y) and, under cross-fitting, each target's split (B, T)."""
-    if not mc.crossfit_every:
-        return (*data.get_batch("train", B, T, gen, device, rank, world), None)
-    x, y, starts = data.get_batch("train", B, T, gen, device, rank, world, with_starts=True)
-    return x, y, split_b_mask(starts, T, mc.crossfit_every, mc.crossfit_chunk).to(device)
 
 
 def evaluate(model: EBT, val_batches: list, seed: int, bits: str, autocast, step: int) -> dict:

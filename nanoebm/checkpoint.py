@@ -73,10 +73,26 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
+# Options that never paid, taken out of the code (lab/LOG.md): their values that change nothing.
+# A checkpoint trained with another value needs the commit that still runs them.
+REMOVED_AT = "14f00f5adb7bca1226df3bcbb3bf6292db90d486"
+REMOVED_OPTIONS = {"think_start_scale": 1.0, "think_start_noise": 0.0, "think_mixed_starts": 0.0,
+                   "think_free_steps": 0, "value_align_weight": 0.0, "residual_nce_weight": 0.0,
+                   "crossfit_every": 0, "think_lr_per_step": False, "think_improve_weight": 0.0,
+                   "think_normalize_grad": False, "tie_candidate_embedding": False,
+                   "think_loss": "mean"}
+
+
 def model_config_from_dict(d: dict) -> ModelConfig:
     """A ModelConfig from a checkpoint's dict: renamed options map onto their current names
-    and options this version no longer has are dropped, so old checkpoints load."""
+    and options this version no longer has are dropped, so old checkpoints load, unless a
+    removed option was on (then the model cannot be rebuilt here: a one-line error)."""
     d = dict(d)
+    for key, off in REMOVED_OPTIONS.items():
+        if d.get(key, off) != off:
+            raise ValueError(f"this checkpoint was trained with model.{key}={d[key]}, an option "
+                             f"removed after commit {REMOVED_AT[:7]}: run it there "
+                             f"(git checkout {REMOVED_AT[:7]})")
     for key in list(d):
         new, inverted = LEGACY_ALIASES.get(f"model.{key}", (None, False))
         if new is not None:

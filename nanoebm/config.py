@@ -34,7 +34,6 @@ class ModelConfig:
     block_size: int = 0          # longest context the model supports; 0 = data.block_size
     vocab_size: int = 0          # 0 = the data's vocabulary; a different value is an error
     dropout: float = 0.1
-    tie_candidate_embedding: bool = False  # candidate embedding p @ W: W = input embedding
     step_embed: bool = False     # learned per-think-step embedding added to the candidate stream
     step_adaln: bool = False     # AdaLN: per-think-step scale/shift after the candidate stream's norms
     think_neutral: bool = False  # think steps lose their part along z - mean_V(z): no pure sharpening
@@ -48,11 +47,9 @@ class ModelConfig:
     think_lr_learnable: bool = True      # alpha is a parameter (its own AdamW group)
     think_lr_lr_multiplier: float = 10.0  # alpha's learning rate = train.learning_rate x this
     think_lr_random_scale: float = 2.0   # s: alpha per token ~ U[alpha/s, alpha*s] when training
-    think_lr_per_step: bool = False      # one alpha per think step (steps past K reuse the last)
     think_steps_random: int = 0  # r: train on K..K+r steps (drawn per batch), evaluate on K+r
     think_noise: float = 0.5     # std of the noise added to z before each training step
     think_max_move: float = 0.0  # clamp |alpha * g| per logit (0 = off)
-    think_normalize_grad: bool = False  # g <- g / rms_V(g) per position: alpha = RMS logit move
     think_prox_weight: float = 1.0      # + prox * (z - z_0) per step: converge, don't drift
     softmax_temperature: float = 1.0     # p = softmax(z / tau)
     entropy_weight: float = 0.0  # J = sum E - lambda * sum H(p)
@@ -61,21 +58,7 @@ class ModelConfig:
     # -- training the think path: which CEs the loss adds up (nanoebm/losses.py)
     detach_refine: bool = True   # detach z between steps (each step trained from its own start)
     truncate_refine: bool = False  # the loss (and graph) on the last step only
-    think_loss: str = "mean"     # CE over steps: mean | last | linear (weight k on step k)
-    think_improve_weight: float = 0.0  # + w * mean_t relu(CE_{k+1,t} - CE_{k,t}): no step may hurt
     aux_ce_weight: float = 1.0   # weight of the CE on the System-1 logits
-
-    # -- training the energy off the descent path, training only (nanoebm/offpath.py)
-    think_start_scale: float = 1.0   # s_max: z_0 = s*z_S1 + sigma*eps, s ~ logU[1/s_max, s_max]
-    think_start_noise: float = 0.0   # sigma_max: sigma ~ U[0, sigma_max] per position
-    think_mixed_starts: float = 0.0  # fraction of rows whose think path starts from noise
-    think_free_steps: int = 0        # n_max: n ~ U{0..n_max} graph-free steps before the trained ones
-    value_align_weight: float = 0.0  # + w * listwise CE(softmax(-E/tau), softmax(-CE/tau))
-    value_align_tau: float = 1.0
-    residual_nce_weight: float = 0.0  # + w * CE(log p_S1 - E(onehot)) over top-k S1 + target
-    residual_nce_topk: int = 8
-    crossfit_every: int = 0          # every n-th chunk is split B: S1 CE on A, think loss on B
-    crossfit_chunk: int = 1000       # tokens per cross-fitting chunk
 
     # -- energy shaping and replay, training only (nanoebm/shaping.py)
     use_contrastive: bool = False  # + contrastive_weight * L_cd
@@ -99,8 +82,7 @@ class ModelConfig:
         (on the command line, from a checkpoint, or in code), with a line naming the fix."""
         check_rules(choice_rules(self, "model.", {"think_init": ("s1", "noise", "zeros"),
                                          "think_grad": ("probs", "logits", "hybrid"),
-                                         "contrastive_type": ("cd", "pcd", "fast_pcd"),
-                                         "think_loss": ("mean", "last", "linear")}) + [
+                                         "contrastive_type": ("cd", "pcd", "fast_pcd")}) + [
             (self.n_head > 0 and self.n_embd % self.n_head == 0 and self.n_embd // self.n_head % 2 == 0,
              f"model.n_embd={self.n_embd} must be a multiple of model.n_head={self.n_head} with an "
              "even head size (RoPE rotates pairs)"),
@@ -118,38 +100,7 @@ class ModelConfig:
             (0 < self.replay_fraction <= 1, "model.replay_fraction must be in (0, 1]"),
             (self.replay_buffer_size == 0 or self.think_steps > 0,
              "model.replay_buffer_size needs model.think_steps > 0 (replay restarts thinking)"),
-        ] + self._offpath_rules())
-
-    def _offpath_rules(self) -> list[tuple[bool, str]]:
-        """The off-path options: valid ranges, and each needs the think path it changes."""
-        on = [n for n, off in [("think_start_scale", 1.0), ("think_start_noise", 0.0),
-                               ("think_mixed_starts", 0.0), ("think_free_steps", 0),
-                               ("value_align_weight", 0.0), ("residual_nce_weight", 0.0),
-                               ("crossfit_every", 0)] if getattr(self, n) != off]
-        s1_start = self.think_init == "s1"
-        return [
-            (self.think_start_scale >= 1, "model.think_start_scale is s_max >= 1 (1 = off)"),
-            (self.think_start_noise >= 0 and self.think_free_steps >= 0,
-             "model.think_start_noise and model.think_free_steps must be >= 0"),
-            (0 <= self.think_mixed_starts <= 1, "model.think_mixed_starts must be in [0, 1]"),
-            (self.value_align_weight >= 0 and self.residual_nce_weight >= 0 and self.value_align_tau > 0,
-             "model.value_align_weight, model.residual_nce_weight >= 0 and model.value_align_tau > 0"),
-            (self.residual_nce_topk >= 1, "model.residual_nce_topk must be >= 1"),
-            (self.crossfit_every in (0,) or self.crossfit_every >= 2,
-             "model.crossfit_every: 0 (off) or n >= 2 (every n-th chunk is split B)"),
-            (self.crossfit_chunk >= 1, "model.crossfit_chunk must be >= 1"),
-            (not on or self.think_steps > 0,
-             f"model.{on[0] if on else ''} changes the think path: it needs model.think_steps > 0"),
-            (s1_start or (self.think_start_scale == 1 and self.think_start_noise == 0
-                          and self.think_mixed_starts == 0 and self.crossfit_every == 0),
-             "model.think_start_*, think_mixed_starts and crossfit_every change the System-1 start: "
-             "they need model.think_init=s1"),
-            (self.residual_nce_weight == self.value_align_weight == 0 or self.aux_ce_weight > 0
-             or s1_start, "model.value_align_weight and model.residual_nce_weight rank S1's "
-             "candidates: they need the S1 head (model.think_init=s1 or aux_ce_weight > 0)"),
-            (self.crossfit_every == 0 or (not self.use_contrastive and self.replay_buffer_size == 0),
-             "model.crossfit_every cannot be combined with use_contrastive or replay_buffer_size"),
-        ]
+        ])
 
     @property
     def eval_think_steps(self) -> int:

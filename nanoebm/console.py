@@ -45,14 +45,14 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def train_row(step: int, loss: float, metrics: dict, lr: float, alphas: list, bits: str,
+def train_row(step: int, loss: float, metrics: dict, lr: float, alpha: float, bits: str,
               tokens_per_s: float, tokens: int, elapsed_s: float) -> dict:
     """One metrics.jsonl row: the loss, the training CE after thinking (S1 CE for the baseline)
     as ce/ppl/bits, and every metric ebt_loss returned (device tensors, synced here)."""
     ce = (metrics["ce_think"] if "ce_think" in metrics else metrics["ce_s1"]).item()
     return {"step": step, "elapsed_s": elapsed_s, "loss": loss, "ce": ce,
             "ppl": math.exp(min(ce, 50)), bits: ce / math.log(2), "lr": lr,
-            "alpha": alphas[0] if len(alphas) == 1 else alphas, "tokens_per_s": tokens_per_s,
+            "alpha": alpha, "tokens_per_s": tokens_per_s,
             "tokens": tokens, **{k: v.item() for k, v in metrics.items() if k != "ce_think"}}
 
 
@@ -60,12 +60,11 @@ def train_line(row: dict, max_steps: int, bits: str, eta_s: float) -> str:
     """The console line for a train_row: thinking and shaping fields only where they exist."""
     extra = ""
     if "energy_before" in row:  # thinking: alpha, energy before->after, CE after each step
-        alphas = row["alpha"] if isinstance(row["alpha"], list) else [row["alpha"]]
         ks, k = [], 0
         while f"ce_k{k}" in row:
             ks.append(f"{row[f'ce_k{k}']:.3f}")
             k += 1
-        extra = (f" | alpha {'/'.join(f'{a:.3f}' for a in alphas)} | E {row['energy_before']:.3f}"
+        extra = (f" | alpha {row['alpha']:.3f} | E {row['energy_before']:.3f}"
                  f"->{row['energy_after']:.3f} | ce_k {'/'.join(ks)}")
     if "energy_margin" in row:
         extra += f" | margin {row['energy_margin']:.2f}"

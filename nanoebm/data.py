@@ -57,12 +57,10 @@ class TokenData:
         return self.tokenizer.meta
 
     def get_batch(self, split: str, batch_size: int, block_size: int,
-                  generator: torch.Generator, device="cpu", rank: int = 0, world: int = 1,
-                  with_starts: bool = False):
+                  generator: torch.Generator, device="cpu", rank: int = 0, world: int = 1):
         """Random windows: x = ids[i:i+T], y = ids[i+1:i+T+1], each (B, T) int64. Under DDP
         every rank draws the same global batch of world * B windows (same generator seed) and
-        keeps rows rank*B..(rank+1)*B: N ranks compute exactly one process's world*B batch.
-        with_starts: also return the window starts i (B,) on the CPU (cross-fitting)."""
+        keeps rows rank*B..(rank+1)*B: N ranks compute exactly one process's world*B batch."""
         data = self.train if split == "train" else self.val
         starts = torch.randint(len(data) - block_size - 1, (world * batch_size,), generator=generator)
         starts = starts[rank * batch_size:(rank + 1) * batch_size]  # (B,) this rank's rows
@@ -73,7 +71,7 @@ class TokenData:
             x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         else:
             x, y = x.to(device), y.to(device)
-        return (x, y, starts) if with_starts else (x, y)
+        return x, y
 
 
 def load_char_text(path: Path, val_fraction: float) -> TokenData:

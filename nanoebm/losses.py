@@ -3,9 +3,9 @@
     loss = sum_k w_k * CE(z_k, x_{t+1})  +  aux_ce_weight * CE(S1 logits, x_{t+1})
 
 over the K think steps z_1..z_K (the paper's Sec. 3: the energy is learned by backpropagating
-through the descent, which is second order). w_k is 1/K each (think_loss=mean), or only the last
-step (think_loss=last or truncate_refine), or proportional to k (linear). With think_steps=0
-only the S1 term is left: the plain transformer LM, the baseline.
+through the descent, which is second order). w_k is 1/K each, or only the last step with
+truncate_refine. With think_steps=0 only the S1 term is left: the plain transformer LM, the
+baseline.
 
     ebt_loss           the formula as written; call loss.backward() on its result
     ebt_loss_stepwise  the same loss and gradients with the backward done step by step, so memory
@@ -13,9 +13,7 @@ only the S1 term is left: the plain transformer LM, the baseline.
     forward_backward   what a training step runs: the stepwise version where it applies
 
 Contrastive energy shaping and the replay buffer (nanoebm/shaping.py) attach to ebt_loss through
-one hook, an EnergyShaping object, called at the three places marked "hook". The options that
-train the energy off the descent path (nanoebm/offpath.py) change where the trained path starts,
-add ranking terms, or split the targets between the S1 CE and the think loss (split_b).
+one hook, an EnergyShaping object, called at the three places marked "hook".
 """
 from __future__ import annotations
 
@@ -25,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from nanoebm.model import EBT, Context, at_least_f32
-from nanoebm.offpath import extra_terms, masked_mean, start_for_training
 from nanoebm.shaping import EnergyShaping, energy_metrics
 from nanoebm.think import initial_logits, think
 
@@ -35,12 +32,9 @@ def ce(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.
     return F.cross_entropy(at_least_f32(logits).flatten(0, 1), y.flatten(), reduction=reduction)
 
 
-def step_weights(K: int, how: str) -> list[float]:
-    """Weights w_1..w_K of the per-step CEs: mean (the paper's), last only, or linear 1..K."""
-    if how == "last":
-        return [0.0] * (K - 1) + [1.0]
-    w = list(range(1, K + 1)) if how == "linear" else [1] * K
-    return [wk / sum(w) for wk in w]
+def step_weights(K: int, last_only: bool) -> list[float]:
+    """Weights w_1..w_K of the per-step CEs: 1/K each (the paper's), or the last step only."""
+    return [0.0] * (K - 1) + [1.0] if last_only else [1.0 / K] * K
 
 
 def train_think_steps(model: EBT) -> int:
@@ -51,32 +45,9 @@ def train_think_steps(model: EBT) -> int:
     return cfg.eval_think_steps
 
 
-def step_term(model: EBT, w_k: float, c: torch.Tensor, c_before: torch.Tensor, K: int,
-              mask: torch.Tensor | None = None):
-    """w_k * CE after step k, from the per-token CEs c (B*T,) after and c_before before it,
-    averaged over the tokens in mask (B*T,) (all when None); think_improve_weight adds a
-    penalty on every token the step made worse."""
-    term = w_k * masked_mean(c, mask)
-    if model.cfg.think_improve_weight > 0:
-        worse = (c - c_before.detach()).relu()  # (B*T,)
-        term = term + model.cfg.think_improve_weight / K * masked_mean(worse, mask)
-    return term
-
-
-def s1_loss(ctx: Context, y: torch.Tensor, split_b: torch.Tensor | None):
-    """The S1 CE: over every target, or (cross-fitting) over the split-A targets only."""
-    if ctx.s1_logits is None:
-        return None
-    if split_b is None:
-        return ce(ctx.s1_logits, y)
-    return masked_mean(ce(ctx.s1_logits, y, reduction="none"), ~split_b.flatten())
-
-
-def think_start(model: EBT, ctx: Context, T: int, split_b: torch.Tensor | None):
-    """z_0 of the trained think path (B, T, V): S1 (or noise) through the off-path options;
-    detached under cross-fitting, where the think loss must not train S1 on split B."""
-    z0 = start_for_training(model, ctx, initial_logits(model, ctx, T))
-    return z0.detach() if split_b is not None else z0
+def s1_loss(ctx: Context, y: torch.Tensor):
+    """The S1 CE over every target, or None when the model has no S1 head."""
+    return None if ctx.s1_logits is None else ce(ctx.s1_logits, y)
 
 
 def think_for_loss(model: EBT, ctx: Context, z0: torch.Tensor, K: int, want_metrics: bool,
@@ -104,10 +75,9 @@ def think_metrics(ces: list, out, loss_s1, want_metrics: bool) -> dict:
 
 # ------------------------------------------------------------------------------- the loss
 def ebt_loss(model: EBT, x: torch.Tensor, y: torch.Tensor, *, want_metrics: bool = False,
-             shaping: EnergyShaping | None = None, split_b: torch.Tensor | None = None):
-    """One forward: the context stream once, K think steps, the loss above (+ energy shaping,
-    + the off-path ranking terms). split_b (B, T) bool: the cross-fitting split of the targets
-    (nanoebm/offpath.py). Returns (loss, metrics); metrics are detached device tensors."""
+             shaping: EnergyShaping | None = None):
+    """One forward: the context stream once, K think steps, the loss above (+ energy shaping).
+    Returns (loss, metrics); metrics are detached device tensors."""
     cfg, K = model.cfg, train_think_steps(model)
     if shaping is None and (cfg.use_contrastive or cfg.replay_buffer_size > 0):
         raise ValueError("model.use_contrastive / model.replay_buffer_size keep state between "
@@ -116,23 +86,20 @@ def ebt_loss(model: EBT, x: torch.Tensor, y: torch.Tensor, *, want_metrics: bool
     if hook is not None:  # hook: replay rows join the batch, persistent negative chains advance
         x, y = hook.before_forward(model, x, y)
     ctx = model.context(x)  # the only context-stream pass of this batch
-    loss_s1 = s1_loss(ctx, y, split_b)
+    loss_s1 = s1_loss(ctx, y)
     if K == 0:  # the plain transformer: next-token CE of the S1 head
         loss, z_final, m = loss_s1, ctx.s1_logits, {"ce_s1": loss_s1.detach()}
     else:
-        z0 = think_start(model, ctx, x.shape[1], split_b)  # (B, T, V)
+        z0 = initial_logits(model, ctx, x.shape[1])  # (B, T, V)
         if hook is not None:  # hook: replay rows restart from where thinking left them
             z0 = hook.restart(z0)
         out = think_for_loss(model, ctx, z0, K, want_metrics)
         ces = [ce(z, y, reduction="none") for z in [z0] + out.logits]  # (B*T,) at z_0..z_K
-        w = step_weights(K, "last" if cfg.truncate_refine else cfg.think_loss)
-        mask = split_b.flatten() if split_b is not None else None  # the think loss: split B
-        loss = sum(step_term(model, w[k], ces[k + 1], ces[k], K, mask) for k in range(K))
+        w = step_weights(K, cfg.truncate_refine)
+        loss = sum(w[k] * ces[k + 1].mean() for k in range(K))
         if loss_s1 is not None and cfg.aux_ce_weight > 0:
             loss = loss + cfg.aux_ce_weight * loss_s1
-        extra, m_extra = extra_terms(model, ctx, y, out.final, K)
-        loss = loss + extra
-        z_final, m = out.final, {**think_metrics(ces, out, loss_s1, want_metrics), **m_extra}
+        z_final, m = out.final, think_metrics(ces, out, loss_s1, want_metrics)
     parts = None
     if hook is not None:  # hook: the contrastive term; this batch's candidates join the replay
         loss, parts = hook.after_thinking(model, ctx, x, y, z_final, loss, m)
@@ -143,8 +110,7 @@ def ebt_loss(model: EBT, x: torch.Tensor, y: torch.Tensor, *, want_metrics: bool
 
 # ------------------------------------------------- the same, with less memory
 def ebt_loss_stepwise(model: EBT, x: torch.Tensor, y: torch.Tensor, *, backward_scale: float,
-                      want_metrics: bool = False, shaping: EnergyShaping | None = None,
-                      split_b: torch.Tensor | None = None):
+                      want_metrics: bool = False, shaping: EnergyShaping | None = None):
     """ebt_loss followed by (backward_scale * loss).backward(), for detach_refine=true training
     without shaping terms. Returns the detached loss and the metrics.
 
@@ -157,30 +123,25 @@ def ebt_loss_stepwise(model: EBT, x: torch.Tensor, y: torch.Tensor, *, backward_
         raise ValueError("ebt_loss_stepwise needs model.detach_refine=true and no contrastive "
                          "term or replay: use forward_backward, which picks the right loss")
     ctx = model.context(x)
-    loss_s1 = s1_loss(ctx, y, split_b)
+    loss_s1 = s1_loss(ctx, y)
     if K == 0:
         (loss_s1 * backward_scale).backward()
         return loss_s1.detach(), {"ce_s1": loss_s1.detach()}
     leaf = Context(kv=[(k.detach().requires_grad_(), v.detach().requires_grad_())
                        for k, v in ctx.kv], s1_logits=ctx.s1_logits)
-    z0 = think_start(model, leaf, x.shape[1], split_b)
-    w = step_weights(K, "last" if cfg.truncate_refine else cfg.think_loss)
+    z0 = initial_logits(model, leaf, x.shape[1])
+    w = step_weights(K, cfg.truncate_refine)
     ces, terms = [ce(z0, y, reduction="none").detach()], []
-    mask = split_b.flatten() if split_b is not None else None
 
     def backward_now(k: int, z_next: torch.Tensor) -> None:  # think() calls this after step k
         c = ce(z_next, y, reduction="none")
-        term = step_term(model, w[k], c, ces[-1], K, mask)
+        term = w[k] * c.mean()
         ces.append(c.detach())
         if term.requires_grad:  # free this step's graph now; its key/value grads stay on `leaf`
             (term * backward_scale).backward()
         terms.append(term.detach())
 
     out = think_for_loss(model, leaf, z0, K, want_metrics, on_step=backward_now)
-    extra, m_extra = extra_terms(model, leaf, y, out.final, K)
-    if torch.is_tensor(extra):  # the ranking terms: their key/value grads also land on `leaf`
-        (extra * backward_scale).backward()
-        terms.append(extra.detach())
     loss = sum(terms)
     if loss_s1 is not None and cfg.aux_ce_weight > 0:
         loss = loss + cfg.aux_ce_weight * loss_s1
@@ -191,15 +152,14 @@ def ebt_loss_stepwise(model: EBT, x: torch.Tensor, y: torch.Tensor, *, backward_
         roots.append((loss * backward_scale, None))
     if roots:
         torch.autograd.backward([r for r, _ in roots], [g for _, g in roots])
-    m = {**think_metrics(ces, out, loss_s1, want_metrics), **m_extra}
+    m = think_metrics(ces, out, loss_s1, want_metrics)
     if want_metrics:
         m.update(energy_metrics(model, leaf, y, out.final.detach(), None, shaping))
     return loss.detach(), m
 
 
 def forward_backward(model: EBT, x: torch.Tensor, y: torch.Tensor, *, scale: float = 1.0,
-                     want_metrics: bool = False, shaping: EnergyShaping | None = None,
-                     split_b: torch.Tensor | None = None):
+                     want_metrics: bool = False, shaping: EnergyShaping | None = None):
     """One training micro-batch: loss and the backward of scale * loss. Returns the detached
     loss and the metrics. Uses ebt_loss_stepwise where it computes the same thing (detached
     think steps, no contrastive term, no replay), ebt_loss + backward otherwise."""
@@ -207,7 +167,7 @@ def forward_backward(model: EBT, x: torch.Tensor, y: torch.Tensor, *, scale: flo
     if (model.training and cfg.detach_refine and torch.is_grad_enabled()
             and not cfg.use_contrastive and cfg.replay_buffer_size == 0):
         return ebt_loss_stepwise(model, x, y, backward_scale=scale, want_metrics=want_metrics,
-                                 shaping=shaping, split_b=split_b)
-    loss, m = ebt_loss(model, x, y, want_metrics=want_metrics, shaping=shaping, split_b=split_b)
+                                 shaping=shaping)
+    loss, m = ebt_loss(model, x, y, want_metrics=want_metrics, shaping=shaping)
     (loss * scale).backward()
     return loss.detach(), m

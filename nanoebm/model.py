@@ -185,8 +185,7 @@ class EBT(nn.Module):
         self.wte = nn.Embedding(V, D)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        # candidate embedding: a separate V x D table unless tied to the input embedding
-        self.w_cand = None if cfg.tie_candidate_embedding else nn.Parameter(torch.empty(V, D))
+        self.w_cand = nn.Parameter(torch.empty(V, D))  # candidate embedding: p @ w_cand
         n_step = max(1, cfg.eval_think_steps)
         self.step_emb = nn.Embedding(n_step, D) if cfg.step_embed else None
         # AdaLN: per step and block, (scale, shift) of ln1 and of ln2. Zero: at init the model is
@@ -198,7 +197,7 @@ class EBT(nn.Module):
         self.ln_f = RMSNorm(D) if self.has_s1 else None
         self.s1_head = nn.Linear(D, V, bias=False) if self.has_s1 else None
         # alpha, the think step size; learnable when think_lr_learnable (own optimizer group)
-        alpha = torch.full((n_step,) if cfg.think_lr_per_step else (), float(cfg.think_lr))
+        alpha = torch.tensor(float(cfg.think_lr))
         self.has_energy = cfg.has_energy
         if self.has_energy:
             self.alpha = nn.Parameter(alpha, requires_grad=cfg.think_lr_learnable)
@@ -208,8 +207,7 @@ class EBT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        if self.w_cand is not None:
-            nn.init.normal_(self.w_cand, std=0.02)
+        nn.init.normal_(self.w_cand, std=0.02)
         for name, p in self.named_parameters():  # GPT-2 style scaled init of residual outputs
             if name.endswith(("attn.proj.weight", "mlp.down.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
@@ -236,10 +234,6 @@ class EBT(nn.Module):
         entry), or None without step_adaln."""
         return None if self.adaln is None else self.adaln[min(step, self.adaln.shape[0] - 1)]
 
-    @property
-    def cand_weight(self):
-        return self.wte.weight if self.w_cand is None else self.w_cand
-
     def context(self, idx, past: Context | None = None) -> Context:
         """Run the context stream on idx (B, T); with `past`, extend that KV cache."""
         pos0 = past.length if past is not None else 0
@@ -262,14 +256,14 @@ class EBT(nn.Module):
         if not self.has_energy:
             raise ValueError("this model is the plain transformer (model.think_steps=0): it has no "
                              "energy to think with; use its System-1 logits")
-        W = self.cand_weight.detach() if stopgrad_cand else self.cand_weight
+        W = self.w_cand.detach() if stopgrad_cand else self.w_cand
         c = p.to(W.dtype) @ W  # (B, Tc, D): the expected embedding under p
         return self.energy_of_embedding(ctx, c, step, fused)
 
     def energy_of_tokens(self, ctx: Context, tokens, step: int = 0):
         """E (B, Tc) of one-hot candidates, tokens (B, Tc): E(x, onehot(v)) without the (B, Tc, V)
         one-hot tensor (a vocabulary of 50k makes that tensor the largest in the model)."""
-        return self.energy_of_embedding(ctx, self.cand_weight[tokens], step, fused=True)
+        return self.energy_of_embedding(ctx, self.w_cand[tokens], step, fused=True)
 
     def energy_of_embedding(self, ctx: Context, c, step: int = 0, fused: bool = False):
         """The candidate stream on candidate embeddings c (B, Tc, D) -> energies (B, Tc)."""

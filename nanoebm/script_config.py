@@ -55,7 +55,7 @@ class SampleConfig:
 
 @dataclass
 class CompareConfig:
-    suite: str = "recipes"       # name of the results files (configs/suite/<suite>.yaml sets it)
+    suite: str = "compare"       # name of the results files (configs/suite/<suite>.yaml sets it)
     scale: str = "cpu"           # a key of `scales`: the model size and step budget of every run
     scales: Dict[str, List[str]] = field(default_factory=dict)  # scale -> train.py overrides
     base: List[str] = field(default_factory=list)   # train.py overrides shared by every run
@@ -77,15 +77,11 @@ class CompareConfig:
     jobs: int = 1                # runs trained, then scored on eval_sets, in parallel (processes)
     threads: int = 1             # torch threads per run
     out_dir: str = "results"
-    # runs: one table per thinking run; recipes: <eval_name>.* is one row per run name (mean over
-    # seeds) and the per-run tables go to <eval_name>_runs.*
-    eval_table: str = "runs"
     # inference-only rows scored on eval_sets: name -> {run: <a name in runs>, eval: {EvalConfig
     # field: value}}: that run's checkpoint (every seed) scored with those fields set
     eval_variants: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        check_rules(choice_rules(self, "", {"eval_table": ("runs", "recipes")}))
         valid = sorted(EvalConfig.__dataclass_fields__)
         for name, v in self.eval_variants.items():
             where = f"eval_variants.{name}"

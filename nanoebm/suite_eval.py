@@ -91,19 +91,16 @@ def earlier_results(path: Path) -> dict[str, dict]:
 def shift_eval(cc: CompareConfig, records: list[dict], out: Path, name: str,
                fresh: set[tuple[str, int]]) -> None:
     """evaluate.py's sets on every thinking run and eval variant, cached per run folder, scored
-    over cc.jobs processes, combined into results/<name>.* (eval_table=recipes: the one-row-
-    per-recipe table there, the per-run tables in results/<name>_runs.*).
+    over cc.jobs processes, combined into results/<name>.*.
 
     records: the suite's records, earlier calls' included; fresh: the (name, seed) pairs of this
     call, which are scored. The other runs keep the result an earlier call wrote, so a search
-    that spans machines (run folders not carried over) still tabulates every recipe; a run with
+    that spans machines (run folders not carried over) still tabulates every run; a run with
     neither is left out."""
-    from nanoebm import recipes_table
     from nanoebm.checkpoint import atomic_write_text
     from nanoebm.diagnose import report
     from nanoebm.scorecard import plot, table
-    runs = f"{name}_runs" if cc.eval_table == "recipes" else name
-    earlier = earlier_results(out / f"{runs}.json")
+    earlier = earlier_results(out / f"{name}.json")
     items, todo = [], []
     for it in eval_items(cc, records):
         label = f"{it['name']} s{it['seed']}"
@@ -125,11 +122,9 @@ def shift_eval(cc: CompareConfig, records: list[dict], out: Path, name: str,
         md += [f"## {label}", "", table(res), ""]
         if res.get("diagnose"):
             md += [f"### diagnostics, {label}", "", report(res["diagnose"]), ""]
-    atomic_write_text(out / f"{runs}.json", json.dumps(
+    atomic_write_text(out / f"{name}.json", json.dumps(
         [{"run": lab, **{k: v for k, v in res.items() if k != "key"}} for lab, res in results], indent=1))
-    atomic_write_text(out / f"{runs}.md", "\n".join(md) + "\n")
-    plot(results, out / f"{runs}.png")
+    atomic_write_text(out / f"{name}.md", "\n".join(md) + "\n")
+    plot(results, out / f"{name}.png")
     print("\n".join(md))
-    if cc.eval_table == "recipes":
-        print(recipes_table.write(items, list(cc.eval_sets), list(cc.eval_steps), cc.n_candidates, out / name))
-    print(f"wrote {out / name}.json, .md, .png" + (f" and {out / runs}.*" if runs != name else ""))
+    print(f"wrote {out / name}.json, .md, .png")

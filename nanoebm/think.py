@@ -107,11 +107,8 @@ def think(model: EBT, ctx: Context, z0: torch.Tensor, steps: int, *, create_grap
             wrt = z if cfg.think_grad == "logits" else p
             g, = torch.autograd.grad(J, wrt, create_graph=graph)  # (B, T, V)
             # alpha's graph is built per step: a step's early backward must not free it for the next
-            alphas = model.alpha if lr is None else torch.tensor(float(lr), device=z0.device)
-            alpha = alphas[min(k, alphas.numel() - 1)] if alphas.dim() else alphas
-            alpha = (alpha.clamp(min=1e-4) if lr is None else alpha) * scale
-            if cfg.think_normalize_grad:  # fixed-size steps: the landscape sets only the direction
-                g = g / (g.pow(2).mean(-1, keepdim=True).sqrt() + 1e-8)
+            alpha = model.alpha.clamp(min=1e-4) if lr is None else torch.tensor(float(lr), device=z0.device)
+            alpha = alpha * scale
             base = p if cfg.think_grad == "probs" else z
             if prox:  # J + prox/2 |base - base_0|^2: repeated steps settle at a fixed point
                 g = g + prox * (base - anchor)

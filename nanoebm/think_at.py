@@ -98,7 +98,7 @@ def energy_at(model: EBT, pos: Position, p, step: int = 0, tape: list | None = N
     are appended to it."""
     B, N, V = p.shape
     H, D = model.cfg.n_head, model.cfg.n_embd
-    W = model.cand_weight
+    W = model.w_cand
     c = p.reshape(B * N, V).to(W.dtype) @ W  # (M, D)
     if model.step_emb is not None:
         c = c + model.step_emb.weight[min(step, model.step_emb.num_embeddings - 1)]
@@ -158,7 +158,7 @@ def energy_grad_at(model: EBT, pos: Position, p, step: int = 0):
         dqkv = torch.stack([dq, ds[..., -1:] * q, a[..., -1:] * dy]).permute(1, 3, 0, 2, 4)
         dh = dqkv.reshape(B * N, 3 * D) @ w_qkv  # (M, D)
         dc = dc2 + _rms_backward(h, r1, dh if gain1 is None else dh * gain1)
-    return E, (dc @ model.cand_weight.t().to(dc.dtype)).view(B, N, V)
+    return E, (dc @ model.w_cand.t().to(dc.dtype)).view(B, N, V)
 
 
 def objective_grad(model: EBT, pos: Position, z, k: int):
@@ -182,8 +182,6 @@ def think_step(model: EBT, pos: Position, z, eps, anchor, alpha, k: int, accept:
     if eps is not None:
         z = z + eps
     E, p, g = objective_grad(model, pos, z, k)
-    if cfg.think_normalize_grad:
-        g = g / (g.pow(2).mean(-1, keepdim=True).sqrt() + 1e-8)
     base = p if cfg.think_grad == "probs" else z
     if cfg.think_prox_weight:
         g = g + cfg.think_prox_weight * (base - anchor)
@@ -210,8 +208,7 @@ def step_sizes(model: EBT, steps: int, lr: float | None) -> list:
     """alpha for steps 0..K-1 as 0-d tensors: the trained alpha (clamped as in training) or lr."""
     if lr is not None:
         return [torch.tensor(float(lr), device=model.alpha.device)] * steps
-    a = model.alpha.detach().clamp(min=1e-4)
-    return [a[min(k, a.numel() - 1)] if a.dim() else a for k in range(steps)]
+    return [model.alpha.detach().clamp(min=1e-4)] * steps
 
 
 class PaddedKV:

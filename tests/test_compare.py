@@ -14,7 +14,7 @@ from tests.conftest import REPO, SMALL
 pytestmark = pytest.mark.slow  # compare.py as a subprocess, training several runs
 
 
-def run_compare(tmp_path, base, only, seeds, suite="recipes", extra=("eval_steps=[0,1,2,4]",)):
+def run_compare(tmp_path, base, only, seeds, suite="compare", extra=("eval_steps=[0,1,2,4]",)):
     return subprocess.run(
         [sys.executable, str(REPO / "compare.py"), f"suite={suite}", f"only={only}", f"base={base}",
          "eval_iters=2", *extra, "n_candidates=2", f"seeds={seeds}", f"out_dir={tmp_path}"],
@@ -30,33 +30,33 @@ def tiny_base(*extra):
 def test_compare_suite_runs_and_writes_results(tmp_path):
     base = tiny_base("train.max_steps=3", "model.think_noise=0.0", "model.think_lr_random_scale=1.0",
                      "model.think_prox_weight=0.0")  # as the suite's own base
-    r = run_compare(tmp_path, base, "[r0_baseline,r1_default,r2_prox]", "[1,2]")
+    r = run_compare(tmp_path, base, "[baseline,ebt,ebt_fast_pcd]", "[1,2]")
     assert r.returncode == 0, r.stderr[-3000:]
-    recs = json.loads((tmp_path / "thinking_recipes.json").read_text())
+    recs = json.loads((tmp_path / "compare.json").read_text())
     assert sorted((x["name"], x["seed"]) for x in recs) == [
-        (n, s) for n in ("r0_baseline", "r1_default", "r2_prox") for s in (1, 2)]
+        (n, s) for n in ("baseline", "ebt", "ebt_fast_pcd") for s in (1, 2)]
     by = {(x["name"], x["seed"]): x for x in recs}
-    assert list(by["r0_baseline", 1]["val_loss_k"]) == ["0"]  # the baseline has no think steps
-    assert list(by["r1_default", 1]["val_loss_k"]) == ["0", "1", "2", "4"]
-    assert by["r2_prox", 1]["val_loss_k"] != by["r1_default", 1]["val_loss_k"]
-    assert "val_loss_bon" in by["r1_default", 2] and by["r1_default", 2]["ms_per_step"] > 0
+    assert list(by["baseline", 1]["val_loss_k"]) == ["0"]  # the baseline has no think steps
+    assert list(by["ebt", 1]["val_loss_k"]) == ["0", "1", "2", "4"]
+    assert by["ebt_fast_pcd", 1]["val_loss_k"] != by["ebt", 1]["val_loss_k"]
+    assert "val_loss_bon" in by["ebt", 2] and by["ebt", 2]["ms_per_step"] > 0
     # scored on identical windows: the S1 loss of an untrained-equal model would match; here
     # just check the two seeds really trained differently
-    assert by["r1_default", 1]["val_loss_k"]["0"] != by["r1_default", 2]["val_loss_k"]["0"]
-    md = (tmp_path / "thinking_recipes.md").read_text()
-    assert "| r1_default | 1,2 |" in md and "spread" in md
-    assert (tmp_path / "thinking_recipes.png").stat().st_size > 5000
+    assert by["ebt", 1]["val_loss_k"]["0"] != by["ebt", 2]["val_loss_k"]["0"]
+    md = (tmp_path / "compare.md").read_text()
+    assert "| ebt | 1,2 |" in md and "spread" in md
+    assert (tmp_path / "compare.png").stat().st_size > 5000
 
-    # a later call adds runs and reuses finished ones: r0_baseline seed 1 is scored from its
+    # a later call adds runs and reuses finished ones: baseline seed 1 is scored from its
     # record (not retrained), seed 3 is new, and the earlier records stay in the suite file
-    ckpt = tmp_path / "runs" / "r0_baseline_s1" / "final.pt"
+    ckpt = tmp_path / "runs" / "baseline_s1" / "final.pt"
     before = ckpt.resolve().stat().st_mtime_ns
-    r = run_compare(tmp_path, base, "[r0_baseline]", "[1,3]")
+    r = run_compare(tmp_path, base, "[baseline]", "[1,3]")
     assert r.returncode == 0, r.stderr[-3000:]
-    recs2 = json.loads((tmp_path / "thinking_recipes.json").read_text())
-    assert len(recs2) == 7 and ("r0_baseline", 3) in {(x["name"], x["seed"]) for x in recs2}
+    recs2 = json.loads((tmp_path / "compare.json").read_text())
+    assert len(recs2) == 7 and ("baseline", 3) in {(x["name"], x["seed"]) for x in recs2}
     assert ckpt.resolve().stat().st_mtime_ns == before
-    assert {(x["name"], x["seed"]): x for x in recs2}["r0_baseline", 1] == by["r0_baseline", 1]
+    assert {(x["name"], x["seed"]): x for x in recs2}["baseline", 1] == by["baseline", 1]
 
 
 def test_results_suite_writes_every_run_and_curve_point_on_fixed_windows(tmp_path):

@@ -19,7 +19,7 @@ from tests.conftest import REPO, compose
 
 @pytest.mark.parametrize("build,msg", [
     (lambda: ModelConfig(think_init="random"), "model.think_init='random': choose one of"),
-    (lambda: ModelConfig(think_loss="max"), "model.think_loss='max'"),
+    (lambda: ModelConfig(think_grad="max"), "model.think_grad='max'"),
     (lambda: ModelConfig(n_embd=30, n_head=4), "model.n_embd=30 must be a multiple of model.n_head"),
     (lambda: ModelConfig(restart_prob=2.0), "model.restart_prob must be in [0, 1]"),
     (lambda: ModelConfig(replay_buffer_size=4, think_steps=0), "needs model.think_steps > 0"),
@@ -74,3 +74,20 @@ def test_renamed_options_in_old_checkpoints_map_onto_current_names():
     old = {"think_steps": 3, "langevin_noise": 3.0, "no_longer_an_option": 1}
     cfg = model_config_from_dict(old)
     assert (cfg.think_steps, cfg.think_noise) == (3, 3.0)
+
+
+def test_a_checkpoint_with_a_removed_option_on_fails_naming_it_and_the_commit():
+    """Options taken out of the code load as before at their default value (they changed
+    nothing there); any other value is a one-line error naming the option and the commit."""
+    import dataclasses
+    from nanoebm.checkpoint import REMOVED_OPTIONS
+    from nanoebm.model import EBT
+    from nanoebm.checkpoint import model_from_checkpoint
+    from tests.conftest import tiny_cfg
+    m = EBT(tiny_cfg())
+    saved = {**dataclasses.asdict(m.cfg), **REMOVED_OPTIONS, "value_align_tau": 1.0}
+    ckpt = {"model": m.state_dict(), "model_config": saved}
+    assert model_from_checkpoint(ckpt).cfg == m.cfg
+    for name, on in [("think_lr_per_step", True), ("crossfit_every", 10), ("think_loss", "last")]:
+        with pytest.raises(ValueError, match=f"model.{name}={on}.*git checkout 14f00f5"):
+            model_config_from_dict({**saved, name: on})

@@ -45,8 +45,7 @@ def run(m: EBT, stepwise: bool):
     return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
-RECIPES = [dict(), dict(truncate_refine=True), dict(think_loss="linear"),
-           dict(think_improve_weight=1.0, think_lr_per_step=True), dict(think_prox_weight=0.5),
+RECIPES = [dict(), dict(truncate_refine=True), dict(think_prox_weight=0.5), dict(think_neutral=True),
            dict(think_init="noise", think_grad="probs", aux_ce_weight=0.0),
            dict(think_noise=0.3, think_lr_random_scale=2.0, step_embed=True),
            dict(think_steps_random=1), dict(detach_refine=False)]

@@ -28,7 +28,7 @@ def dense_reference_energy(m: EBT, idx, p):
     """The paper's simple form (§C.4): one 2T sequence [x; candidates] with a generalised mask.
     x_i sees x_0..x_i; candidate t sits at RoPE position t+1 and sees x_0..x_t and itself."""
     B, T = idx.shape
-    h = torch.cat([m.wte(idx), p @ m.cand_weight], dim=1)  # (B, 2T, D)
+    h = torch.cat([m.wte(idx), p @ m.w_cand], dim=1)  # (B, 2T, D)
     pos = torch.cat([torch.arange(T), torch.arange(T) + 1])
     allow = torch.zeros(2 * T, 2 * T, dtype=torch.bool)
     allow[:T, :T] = torch.ones(T, T).tril().bool()

@@ -37,7 +37,7 @@ def prompt(B=2, T=7, seed=1):
     return torch.randint(V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(step_embed=True, tie_candidate_embedding=True),
+@pytest.mark.parametrize("kw", [dict(), dict(step_embed=True),
                                 dict(n_head=4, n_layer=1), dict(step_adaln=True),
                                 dict(step_adaln=True, step_embed=True)])
 def test_energy_gradient_matches_autograd_on_the_full_model(kw):
@@ -65,8 +65,8 @@ def test_energy_gradient_matches_autograd_on_the_full_model(kw):
 
 
 OPTIONS = [dict(), dict(think_grad="probs"), dict(think_grad="logits", softmax_temperature=0.7),
-           dict(entropy_weight=0.1), dict(think_normalize_grad=True, think_max_move=0.05),
-           dict(think_lr_per_step=True, think_prox_weight=0.0), dict(step_embed=True),
+           dict(entropy_weight=0.1), dict(think_max_move=0.05), dict(think_prox_weight=0.0),
+           dict(step_embed=True),
            dict(step_adaln=True)]
 
 

@@ -227,10 +227,3 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp
     assert len(a["rng"]) == 2 and len(a["shaping"]) == 2  # per-rank state saved per rank
 
 
-def test_per_step_alpha_trains_and_logs_one_alpha_per_step(tmp_path, capsys):
-    cfg = compose(*SMALL, "model.think_lr_per_step=true", "model.think_steps=2", f"out_dir={tmp_path}")
-    summary = train_mod.train(cfg)
-    rows = [json.loads(r) for r in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    logged = [r["alpha"] for r in rows if "alpha" in r]
-    assert logged and all(isinstance(a, list) and len(a) == 2 for a in logged)
-    assert "alpha 1.0" in capsys.readouterr().out
