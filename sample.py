@@ -7,7 +7,7 @@
     uv run python sample.py n_candidates=4 think_noise=0.5    # best-of-4 by final energy
     uv run python sample.py compile=true                      # torch.compile the think step
 
-Options live in nanoebm/script_config.py (SampleConfig); `python sample.py --cfg job` prints them.
+Options live in nanoebm/config.py (SampleConfig); `python sample.py --cfg job` prints them.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from omegaconf import OmegaConf
 
 from nanoebm import runtime as rt
 from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
-from nanoebm.script_config import SampleConfig
+from nanoebm.config import SampleConfig
 from nanoebm.cli import apply_cli_shims, register_configs
-from nanoebm.generate import encode_prompt, generate, resolve_tokenizer
+from nanoebm.generate import encode_prompt, generate
+from nanoebm.tokenizer import resolve_tokenizer
 
 
 class Printer:

@@ -28,8 +28,7 @@ from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.console import Clock, eval_line, fmt_time, train_line, train_row
 from nanoebm.coverage import continue_record, new_segment
 from nanoebm.data import load_data
-from nanoebm.evaluate import curve_metrics, thinking_curve
-from nanoebm.losses import forward_backward
+from nanoebm.losses import curve_metrics, forward_backward, thinking_curve
 from nanoebm.memory import fit_batch
 from nanoebm.model import EBT
 from nanoebm.shaping import EnergyShaping, val_energy_margin
@@ -101,7 +100,7 @@ def train(cfg: TrainRunConfig) -> dict:
             if step % tc.eval_interval == 0 or step == tc.max_steps:
                 elapsed = clock.elapsed()
                 with clock.paused():
-                    last_eval = evaluate(model, val_batches, tc.seed, data.bits_name, autocast, step)
+                    last_eval = estimate_loss(model, val_batches, tc.seed, data.bits_name, autocast, step)
                     if master:
                         log.write({"step": step, "elapsed_s": elapsed, **last_eval})
                         print(eval_line(step, last_eval, data.bits_name))
@@ -164,7 +163,7 @@ def train(cfg: TrainRunConfig) -> dict:
     return {"run_dir": run_dir, "step": step, **last_eval}
 
 
-def evaluate(model: EBT, val_batches: list, seed: int, bits: str, autocast, step: int) -> dict:
+def estimate_loss(model: EBT, val_batches: list, seed: int, bits: str, autocast, step: int) -> dict:
     """Val metrics on the fixed windows: loss after k = 0..K think steps (the thinking curve),
     the S1 loss and, for a model with an energy, the energy margin."""
     K = model.cfg.eval_think_steps

@@ -16,7 +16,7 @@ Modes (files go to out_dir, default out_ebt/viz; each written file is printed as
   margin        E(true token) vs E(final candidate) and vs other one-hot tokens, + text report
   eval          val loss / bpb (bpt for BPE) after k = 0..steps think steps, + JSON/markdown
   per_token     bowl panels (per_token_anim=true: animations) for the next `tokens` tokens
-Options: nanoebm/script_config.py (VizConfig).
+Options: nanoebm/config.py (VizConfig).
 """
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ from nanoebm import landscape as L
 from nanoebm import plots as P
 from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from nanoebm.config import DataConfig
-from nanoebm.script_config import VizConfig
+from nanoebm.config import VizConfig
 from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.data import load_data
-from nanoebm.evaluate import thinking_curve
+from nanoebm.losses import thinking_curve
 from nanoebm.runtime import pick_device
 from nanoebm.tokenizer import tokenizer_from_meta
 

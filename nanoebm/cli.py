@@ -8,8 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from nanoebm.config import TrainRunConfig
-from nanoebm.script_config import BenchConfig, CompareConfig, EvalConfig, SampleConfig, VizConfig
+from nanoebm.config import SampleConfig, TrainRunConfig, VizConfig
 
 # --------------------------------------------------------------------------------------------
 # command-line shims. LEGACY_ALIASES: legacy spelling -> (canonical key, inverted?), names from
@@ -91,10 +90,10 @@ def apply_cli_shims(verbatim: tuple[str, ...] = ()) -> None:
         print(n)
 
 
-def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (only entry scripts and tests call this)."""
+def register_configs(nodes: dict | None = None) -> None:
+    """Register schemas with Hydra's ConfigStore (only entry scripts and tests call this): the
+    scripts' own by default; a lab tool passes {name: its dataclass}."""
     from hydra.core.config_store import ConfigStore
-    for name, node in (("base_train", TrainRunConfig), ("base_compare", CompareConfig),
-                       ("base_sample", SampleConfig), ("base_viz", VizConfig),
-                       ("base_eval", EvalConfig), ("base_bench", BenchConfig)):
+    core = {"base_train": TrainRunConfig, "base_sample": SampleConfig, "base_viz": VizConfig}
+    for name, node in (nodes or core).items():
         ConfigStore.instance().store(name=name, node=node)

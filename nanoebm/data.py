@@ -4,9 +4,7 @@
 * `data.tokenizer=gpt2`: tiktoken BPE; `data.bpe_encoding` is an encoding name (`gpt2`) or the
   path of a `.tiktoken` rank file (offline / custom vocabularies). Documents are EOT-separated.
 * `data.data_path`: a UTF-8 text file, or a folder of parquet shards with a `text` column
-  (FineWeb-Edu from download_data.py), the first `data.max_shards` of them in sorted order,
-  or `task:dyck` / `task:arith` (`task:NAME:ood` for the OOD split): a structured character
-  task generated on first use (nanoebm/tasks.py).
+  (FineWeb-Edu from download_data.py), the first `data.max_shards` of them in sorted order.
 
 Large corpora are tokenised once, streaming (RAM does not grow with the corpus), into a token
 cache (`tokens.bin`, uint16 when the vocabulary fits, and `meta.json`) inside the shard folder /
@@ -32,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoebm import tasks
 from nanoebm.config import DataConfig
 from nanoebm.tokenizer import BPETokenizer, CharTokenizer, load_bpe, resolve_path
 
@@ -103,9 +100,10 @@ def list_sources(path: Path, max_shards: int | None) -> list[Path]:
             raise ValueError("data.max_shards applies to a folder of parquet shards, but "
                              f"data.data_path={path} is a file: drop data.max_shards")
         return [path]
-    raise FileNotFoundError(f"data file not found: {path} (data.data_path takes a UTF-8 text file, "
-                            "a folder of .parquet shards or task:dyck / task:arith; for "
-                            "FineWeb-Edu, `python download_data.py -n 10` fills ~/data/openfineweb)")
+    raise FileNotFoundError(f"data file not found: {path} (data.data_path takes a UTF-8 text file "
+                            "or a folder of .parquet shards; for FineWeb-Edu, `python "
+                            "download_data.py -n 10` fills ~/data/openfineweb; the task presets' "
+                            "files come from `uv run python -m lab.tasks`)")
 
 
 def text_chunks(path: Path, size: int = 1 << 22):
@@ -260,10 +258,7 @@ def load_data(cfg: DataConfig, rank: int = 0, world: int = 1) -> TokenData:
     """Load the configured corpus and check it is long enough for data.block_size. Under DDP
     (world > 1) only local rank 0 builds a token cache; the rest wait and map it."""
     frac = cfg.val_fraction  # data.* values were checked when cfg was built (DataConfig)
-    if tasks.task_name(cfg.data_path) is not None:
-        path = tasks.task_path(cfg.data_path, cfg.cache_dir)
-    else:
-        path = resolve_path(cfg.data_path)
+    path = resolve_path(cfg.data_path)
     sources = list_sources(path, cfg.max_shards)
     parquet = path.is_dir()
     if cfg.tokenizer == "char" and not parquet:

@@ -11,13 +11,17 @@ baseline.
     ebt_loss_stepwise  the same loss and gradients with the backward done step by step, so memory
                        stays flat in K (tests/test_fast_step.py holds the two equal)
     forward_backward   what a training step runs: the stepwise version where it applies
+    thinking_curve     held out: the mean CE after k = 0..N think steps on fixed batches, paired
+                       (every k from the same start and noise; one chain of N steps gives every k)
 
 Contrastive energy shaping and the replay buffer (nanoebm/shaping.py) attach to ebt_loss through
 one hook, an EnergyShaping object, called at the three places marked "hook".
 """
 from __future__ import annotations
 
+import math
 import random
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -171,3 +175,76 @@ def forward_backward(model: EBT, x: torch.Tensor, y: torch.Tensor, *, scale: flo
     loss, m = ebt_loss(model, x, y, want_metrics=want_metrics, shaping=shaping)
     (loss * scale).backward()
     return loss.detach(), m
+
+
+# ------------------------------------------------- held-out: the loss after k think steps
+@torch.no_grad()
+def position_curve(model: EBT, x: torch.Tensor, y: torch.Tensor, steps: int, *,
+                   generator: torch.Generator | None = None, think_lr: float | None = None,
+                   keep_logits: bool = False) -> dict:
+    """Per-position CE (nats) of one batch at think steps k = 0..steps, from one chain:
+    ce_k (B, T, steps+1), energy_k (B, T, steps+1) of z_0..z_steps (empty when steps=0),
+    ce_s1 (B, T) when the model has an S1 head, and the candidates z_k themselves on request."""
+    ctx = model.context(x)
+    mode = "s1" if steps == 0 and model.has_s1 else None  # K=0: the model is its S1 LM
+    z0 = initial_logits(model, ctx, x.shape[1], mode=mode, generator=generator)
+    out = think(model, ctx, z0, steps, noise=0.0, lr=think_lr, final_energy=steps > 0,
+                generator=generator)
+    zs = [z0] + out.logits
+    res = {"ce_k": torch.stack([ce(z, y, reduction="none").view(y.shape) for z in zs], -1),
+           "hit_k": torch.stack([z.argmax(-1) == y for z in zs], -1),  # (B, T, steps+1) argmax right
+           "ctx": ctx}
+    if steps > 0:
+        res["energy_k"] = torch.stack([e.float() for e in out.energies + [out.final_energy]], -1)
+    if model.has_s1:
+        res["ce_s1"] = ce(ctx.s1_logits, y, reduction="none").view(y.shape)
+    if keep_logits:
+        res["logits"] = zs
+    return res
+
+
+@torch.no_grad()
+def thinking_curve(model: EBT, batches, steps: int, *, seed: int = 0, autocast=None,
+                   think_lr: float | None = None) -> dict:
+    """Mean CE (nats/token) over `batches` [(x, y), ...] at think steps 0..steps, plus the S1
+    CE when the model has an S1 head and the mean energy at each visited candidate."""
+    was_training = model.training
+    model.eval()
+    ctx_mgr = autocast or nullcontext()
+    n = len(batches)
+    loss_k = torch.zeros(steps + 1)
+    energy_k = torch.zeros(steps + 1)
+    loss_s1 = 0.0
+    for i, (x, y) in enumerate(batches):
+        gen = torch.Generator(device=x.device).manual_seed(seed + i)  # same noise for every k
+        with ctx_mgr:
+            r = position_curve(model, x, y, steps, generator=gen, think_lr=think_lr)
+        loss_k += r["ce_k"].mean((0, 1)).cpu() / n
+        if steps > 0:
+            energy_k += r["energy_k"].mean((0, 1)).cpu() / n
+        if model.has_s1:
+            loss_s1 += r["ce_s1"].mean().item() / n
+    model.train(was_training)
+    res = {"loss_k": loss_k.tolist(), "energy_k": energy_k.tolist() if steps > 0 else []}
+    if model.has_s1:
+        res["loss_s1"] = loss_s1
+    return res
+
+
+def curve_metrics(curve: dict, bits_name: str, prefix: str = "val_") -> dict:
+    """Flatten a thinking curve into log keys: val_loss (after thinking), val_perplexity,
+    val_bpb|val_bpt, the S1 versions, and val_loss_k{k} / val_{bits}_k{k} for every k."""
+    ln2 = math.log(2)
+    m = {}
+    final = curve["loss_k"][-1]
+    m[f"{prefix}loss"] = final
+    m[f"{prefix}perplexity"] = math.exp(min(final, 50.0))
+    m[f"{prefix}{bits_name}"] = final / ln2
+    if "loss_s1" in curve:
+        m[f"{prefix}loss_s1"] = curve["loss_s1"]
+        m[f"{prefix}perplexity_s1"] = math.exp(min(curve["loss_s1"], 50.0))
+        m[f"{prefix}{bits_name}_s1"] = curve["loss_s1"] / ln2
+    for k, v in enumerate(curve["loss_k"]):
+        m[f"{prefix}loss_k{k}"] = v
+        m[f"{prefix}{bits_name}_k{k}"] = v / ln2
+    return m

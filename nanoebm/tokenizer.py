@@ -137,3 +137,25 @@ def tokenizer_from_meta(meta: dict, bpe_encoding: str | None = None):
                              f"{meta['sha256'][:12]}): use that encoding / rank file")
         return tok
     raise ValueError(f"unknown tokenizer in checkpoint meta: {kind!r}")
+
+
+def resolve_tokenizer(meta: dict | None, vocab_size: int, tokenizer: str | None = None,
+                      bpe_encoding: str | None = None):
+    """The checkpoint's own tokenizer (its meta). `bpe_encoding` may point a BPE checkpoint at a
+    moved rank file (its content must match); a tokenizer of another kind, or one whose
+    vocabulary size differs from the model's, is refused."""
+    kind = (meta or {}).get("tokenizer")
+    if tokenizer is not None and kind is not None and (tokenizer == "char") != (kind == "char"):
+        raise ValueError(f"tokenizer={tokenizer}, but the checkpoint was trained with a {kind} "
+                         "tokenizer: drop the override")
+    if kind is not None:
+        return tokenizer_from_meta(meta, bpe_encoding)
+    if tokenizer is None and bpe_encoding is None:
+        raise ValueError("the checkpoint records no tokenizer: pass tokenizer=gpt2 or bpe_encoding=")
+    if tokenizer == "char":
+        raise ValueError("tokenizer=char needs a char checkpoint (the vocabulary lives in it)")
+    tok = load_bpe(bpe_encoding or (tokenizer if tokenizer not in ("gpt2", "bpe") else "gpt2"))
+    if tok.vocab_size != vocab_size:
+        raise ValueError(f"tokenizer override has {tok.vocab_size} tokens but the model's "
+                         f"vocabulary has {vocab_size}: use the encoding it was trained with")
+    return tok

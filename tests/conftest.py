@@ -49,8 +49,14 @@ def compose(*overrides: str, config_name: str = "train"):
     from hydra import compose as hcompose, initialize_config_dir
     from omegaconf import OmegaConf
     register_configs()
+    config_dir = CONFIG_DIR
+    if config_name in ("evaluate", "compare", "bench"):  # the lab's tools keep their own configs
+        from lab.config import BenchConfig, CompareConfig, EvalConfig
+        register_configs({"base_eval": EvalConfig, "base_compare": CompareConfig,
+                          "base_bench": BenchConfig})
+        config_dir = str(REPO / "lab" / "configs")
     args, _ = rewrite_argv(list(overrides))
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+    with initialize_config_dir(version_base="1.3", config_dir=config_dir):
         return OmegaConf.to_object(hcompose(config_name=config_name, overrides=args))
 
 

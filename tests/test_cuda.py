@@ -1,4 +1,4 @@
-"""The CUDA path (skipped without a CUDA device; scripts/gpu_check.sh runs these on a GPU):
+"""The CUDA path (skipped without a CUDA device; lab/gpu_check.sh runs these on a GPU):
 the bf16 training step finite and close to fp32, train.py in bf16 with fused AdamW,
 train.compile=true (context stream compiled) giving the eager losses, cached == uncached greedy
 generation, and the default config's peak allocator memory against the pre-step estimate.

@@ -5,11 +5,11 @@ import torch
 
 from nanoebm.config import ModelConfig
 from nanoebm.generate import (encode_prompt, filter_logits, generate, pick_token, propose,
-                              repeat_context, resolve_tokenizer)
+                              repeat_context)
 from nanoebm.losses import ebt_loss
 from nanoebm.model import EBT
 from nanoebm.think import initial_logits, think
-from nanoebm.tokenizer import CharTokenizer, load_bpe
+from nanoebm.tokenizer import CharTokenizer, load_bpe, resolve_tokenizer
 
 torch.set_num_threads(1)
 V, BS = 24, 16

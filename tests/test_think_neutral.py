@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import evaluate as ev
+from lab import evaluate as ev
 import sample as sample_mod
 import train as train_mod
-from nanoebm import scorecard
-from nanoebm.script_config import EvalConfig, SampleConfig
+from lab import scorecard
+from lab.config import EvalConfig
+from nanoebm.config import SampleConfig
 from nanoebm.losses import ebt_loss
 from nanoebm.model import EBT
 from nanoebm.think import think, without_sharpening

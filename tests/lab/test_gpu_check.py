@@ -1,7 +1,7 @@
-"""scripts/gpu_check.sh on a machine without CUDA: a clear one-line message, no traceback, and
+"""lab/gpu_check.sh on a machine without CUDA: a clear one-line message, no traceback, and
 nothing run; its report renders partial results (what a stage that ran out of time leaves).
 
-    uv run pytest tests/test_gpu_check.py
+    uv run pytest tests/lab/test_gpu_check.py
 """
 import os
 import subprocess
@@ -15,21 +15,20 @@ from tests.conftest import REPO
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_gpu_check_without_cuda_says_so(tmp_path):
-    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
+    r = subprocess.run(["bash", str(REPO / "lab" / "gpu_check.sh"), str(tmp_path / "out")],
                        capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHON": sys.executable})
     assert r.returncode == 2
     assert r.stderr.strip() == ("gpu_check: no CUDA device (torch.cuda.is_available() is False): "
                                 "run this on a machine with an NVIDIA GPU")
     assert "Traceback" not in r.stdout + r.stderr and not (tmp_path / "out").exists()
-    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True,
+    r = subprocess.run(["bash", str(REPO / "lab" / "gpu_check.sh")], capture_output=True,
                        text=True, timeout=60, env={**os.environ, "PYTHON": "/nonexistent/python"})
     assert r.returncode == 2 and r.stderr.startswith("gpu_check: no /nonexistent/python")
 
 
 def test_report_renders_partial_results():
-    sys.path.insert(0, str(REPO / "scripts"))
-    import gpu_check
+    from lab import gpu_check
     res = {"device": "GPU", "torch": "2.11.0", "python": "3.12.3", "total_s": 455.0, "stages": {
         "cuda_tests": {"rc": 0, "seconds": 80.0, "summary": "6 passed in 79.1s"},
         "memory": {"rc": 124, "seconds": 110.0, "fineweb_gpt2": [

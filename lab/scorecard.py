@@ -1,11 +1,11 @@
 """Score a checkpoint on every evaluation set: the rows behind evaluate.py's eval.json.
 
-For each set (nanoebm/shift.py) the thinking curve at k = 0..steps on fixed windows (paired), the
+For each set (lab/shift.py) the thinking curve at k = 0..steps on fixed windows (paired), the
 System-1 CE, best-of-N, energies, the gain from thinking with a paired bootstrap interval, and
 the CE of a reference model (a plain-transformer `baseline`, or the EBT's own System 1) that
 places the set on the shift axis r = exp(CE_ref(set) - CE_ref(val)), and the verifier check
 Spearman(E(z_K), CE(z_K)) over positions (the chain's own energies: no extra pass). Structured
-tasks add determined-vs-free metrics (nanoebm/taskeval.py); diagnose=true adds nanoebm/diagnose.py.
+tasks add determined-vs-free metrics (lab/taskeval.py); diagnose=true adds lab/diagnose.py.
 """
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ from pathlib import Path
 
 import torch
 
-from nanoebm import runtime as rt, taskeval, tasks
+from nanoebm import runtime as rt
+from lab import taskeval, tasks
 from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from nanoebm.config import DataConfig
-from nanoebm.script_config import EvalConfig
-from nanoebm.diagnose import spearman
-from nanoebm.evaluate import masked_mean, paired_bootstrap, score_windows
-from nanoebm.generate import resolve_tokenizer
-from nanoebm.shift import builtin_sets, check_set_names, text_set
+from lab.config import EvalConfig
+from lab.diagnose import spearman
+from lab.scoring import masked_mean, paired_bootstrap, score_windows
+from nanoebm.tokenizer import resolve_tokenizer
+from lab.shift import builtin_sets, check_set_names, text_set
 
 
 def load_model(path, device, bpe_encoding=None, **overrides):
@@ -118,12 +119,12 @@ def shift_axis(rows: dict) -> dict:
     return out
 
 
+def run_data_path(ck: dict) -> str:
+    return str((ck.get("config") or {}).get("data", {}).get("data_path", ""))
+
+
 def task_of(ck: dict) -> str | None:
-    return tasks.task_name(str((ck.get("config") or {}).get("data", {}).get("data_path", "")))
-
-
-def run_cache_dir(ck: dict):
-    return (ck.get("config") or {}).get("data", {}).get("cache_dir")
+    return tasks.task_name(run_data_path(ck))
 
 
 def task_metrics(task, model, tok, sets, raw, K, cfg: EvalConfig, ck, device) -> dict:
@@ -131,19 +132,18 @@ def task_metrics(task, model, tok, sets, raw, K, cfg: EvalConfig, ck, device) ->
     out = {"name": task, "groups": {es.name: taskeval.group_rows(es, raw[es.name], task, tok.chars, K,
                                                                  cfg.bootstrap, cfg.seed) for es in sets}}
     if task == "arith" and cfg.task_lines > 0:
-        files = tasks.task_files(task, cache_dir=run_cache_dir(ck))
         val_text = tok.decode(run_data(ck, cfg).val)
         shots = taskeval.split_lines(val_text, 3)
         out["exact_match"] = {
             split: taskeval.exact_match(model, tok, lines, shots, K, cfg.bon, cfg.think_noise, device)
             for split, lines in (("val", taskeval.split_lines(val_text, cfg.task_lines + 3)[3:]),
-                                 ("ood", taskeval.split_lines(files["ood"].read_text(), cfg.task_lines)))}
+                                 ("ood", taskeval.split_lines(tasks.ood_path(run_data_path(ck)).read_text(), cfg.task_lines)))}
     return out
 
 
 def diagnostics(model, sets, K: int, cfg: EvalConfig, device, tok, ck) -> dict:
-    """nanoebm/diagnose.py on every set (K >= 1 steps needed)."""
-    from nanoebm.diagnose import collect, summarise as diag_summary, training_words
+    """lab/diagnose.py on every set (K >= 1 steps needed)."""
+    from lab.diagnose import collect, summarise as diag_summary, training_words
     if K == 0:
         raise ValueError("diagnose=true needs a model that thinks (think_steps > 0)")
     char = tok.meta["tokenizer"] == "char"
@@ -167,7 +167,7 @@ def score_checkpoint(cfg: EvalConfig) -> dict:
     sets += [text_set(t, tok, T, cfg.windows, cfg.drop_unknown) for t in cfg.texts]
     task = task_of(ck)
     if task is not None:  # a structured task: its OOD split is scored too
-        ood = text_set(str(tasks.task_path(f"task:{task}:ood", run_cache_dir(ck))), tok, T,
+        ood = text_set(str(tasks.ood_path(run_data_path(ck))), tok, T,
                        cfg.windows, False)
         sets.append(dataclasses.replace(ood, name="ood"))
     if not sets:
@@ -199,7 +199,7 @@ def score_checkpoint(cfg: EvalConfig) -> dict:
     if task is not None:
         res["task"] = task_metrics(task, model, tok, sets, raw, K, cfg, ck, device)
     if cfg.probes:  # where the landscape sends over- and under-sharp starts, and noise
-        from nanoebm.startprobe import start_probes
+        from lab.startprobe import start_probes
         es = sets[0]
         res["probes"] = {"set": es.name, **start_probes(model, es.x, es.y, es.mask, steps, **kw)}
     diag = diagnostics(model, sets, K, cfg, device, tok, ck) if cfg.diagnose else None

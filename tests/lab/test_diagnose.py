@@ -1,7 +1,7 @@
 """evaluate.py diagnose=true: each diagnostic against a brute-force recomputation on a 3-window
 batch, and a BPE checkpoint scored on a parquet folder.
 
-    uv run pytest tests/test_diagnose.py
+    uv run pytest tests/lab/test_diagnose.py
 """
 import math
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoebm import diagnose as dg
+from lab import diagnose as dg
 from nanoebm.model import EBT
-from nanoebm.shift import EvalSet
+from lab.shift import EvalSet
 from nanoebm.think import initial_logits, think
 from tests.conftest import tiny_cfg
 
@@ -129,8 +129,8 @@ def test_word_flags():
 
 
 def test_bpe_checkpoint_on_a_parquet_folder(tmp_path):
-    import evaluate as ev
-    from nanoebm.script_config import EvalConfig
+    from lab import evaluate as ev
+    from lab.config import EvalConfig
     from tests.conftest import compose
     from tests.test_data_bpe import TEXT, train_ranks, write_ranks, write_shards
     from train import train

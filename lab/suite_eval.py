@@ -10,15 +10,15 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from nanoebm.script_config import CompareConfig
+from lab.config import CompareConfig
 
 
 def eval_one(job: dict) -> dict:
     """Score one checkpoint on the eval sets (in a worker process); cache the result."""
     import torch
     from nanoebm.checkpoint import atomic_write_text
-    from nanoebm.script_config import EvalConfig
-    from nanoebm.scorecard import score_checkpoint
+    from lab.config import EvalConfig
+    from lab.scorecard import score_checkpoint
     torch.set_num_threads(job["threads"])
     text = json.dumps({"key": job["key"], **score_checkpoint(EvalConfig(**job["eval"]))}, indent=1)
     atomic_write_text(job["cache"], text)
@@ -28,7 +28,7 @@ def eval_one(job: dict) -> dict:
 def cache_key(key: str | None) -> str | None:
     """An eval cache key (JSON of EvalConfig's fields) without the fields at their defaults,
     so that adding an option to EvalConfig leaves the caches written before it valid."""
-    from nanoebm.script_config import EvalConfig
+    from lab.config import EvalConfig
     if key is None:
         return None
     default = dataclasses.asdict(EvalConfig())
@@ -55,7 +55,7 @@ def score_evals(jobs: list[dict], workers: int) -> list[dict]:
 def eval_items(cc: CompareConfig, records: list[dict]) -> list[dict]:
     """One item per run and per eval variant of a thinking run, in table order; thinking runs
     carry a scoring job with the plain transformer of the same seed as the reference."""
-    from nanoebm.script_config import EvalConfig
+    from lab.config import EvalConfig
     base = {r["seed"]: r["run_dir"] for r in records if r["trained_k"] == 0}
     items = []
     for r in records:
@@ -98,8 +98,8 @@ def shift_eval(cc: CompareConfig, records: list[dict], out: Path, name: str,
     that spans machines (run folders not carried over) still tabulates every run; a run with
     neither is left out."""
     from nanoebm.checkpoint import atomic_write_text
-    from nanoebm.diagnose import report
-    from nanoebm.scorecard import plot, table
+    from lab.diagnose import report
+    from lab.scorecard import plot, table
     earlier = earlier_results(out / f"{name}.json")
     items, todo = [], []
     for it in eval_items(cc, records):

@@ -4,12 +4,13 @@ On free text a softmax already outputs a full next-character distribution; on th
 next characters are fixed by structure the model has to track, so checking a candidate against
 the context may be easier than producing it (the EBT paper's Dyck result, Table 2).
 
-    uv run python train.py experiment=dyck_cpu          # data.data_path=task:dyck
-    uv run python train.py experiment=arith_cpu         # data.data_path=task:arith
+    uv run python -m lab.tasks                          # writes ~/.cache/nanoebm/tasks/*.txt
+    uv run python train.py experiment=dyck_cpu          # trains on dyck-train.txt there
+    uv run python train.py experiment=arith_cpu         # arith-train.txt
 
 One example per line. Each task has a train file (train + val: the loader holds out its last
 data.val_fraction) and an out-of-distribution (OOD) file, both made from a seeded generator on
-first use (`task_files`), so equal seeds and specs give identical bytes.
+`task_files`, so equal seeds and specs give identical bytes.
 
 * dyck (Dyck-k, k=4 bracket pairs `()[]{}<>`): a line's max nesting depth d is uniform on the
   split's depth range, its length n uniform over the even numbers in [max(2d, min length), max
@@ -28,15 +29,15 @@ Determined positions (the target character is fixed by what comes before it):
 `determined_mask` finds them in (B, T) target windows; `dyck_expected`, `dyck_window_closers`
 and `arith_answer_span` give the right answers, `arith_exact_match` scores whole answers.
 
-Files live in data.cache_dir when set, else $XDG_CACHE_HOME/nanoebm/tasks (~/.cache/...), named
-`<task>-seed<seed>-<key>-<split>.txt`; the key hashes the generator version, seed and spec.
+Files live in ~/.cache/nanoebm/tasks (or the folder given), named `<task>-<split>.txt` for the
+default seed and spec and `<task>-seed<seed>-<key>-<split>.txt` otherwise (the key hashes the
+generator version, seed and spec).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -48,7 +49,6 @@ from nanoebm.checkpoint import atomic_write_text
 from nanoebm.tokenizer import resolve_path
 
 VERSION = 1          # bump when the generator changes: new cache keys, new files
-PREFIX = "task:"     # data.data_path=task:NAME (the train file) or task:NAME:ood
 BRACKETS = "()[]{}<>"
 CLOSE_OF = dict(zip(BRACKETS[0::2], BRACKETS[1::2]))  # opener -> its closer
 CLOSERS = BRACKETS[1::2]
@@ -129,51 +129,56 @@ def generate(name: str, split: str, seed: int, spec) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ files
-def cache_root(cache_dir: str | None = None) -> Path:
-    if cache_dir:
-        return resolve_path(cache_dir)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanoebm" / "tasks"
+DEFAULT_DIR = "~/.cache/nanoebm/tasks"  # where configs/data/dyck.yaml and arith.yaml read them
+FILE = re.compile(r"(dyck|arith)-(?:seed\d+-[0-9a-f]+-)?(train|ood)\.txt$")
 
 
 def task_files(name: str, seed: int = DATA_SEED, cache_dir: str | None = None,
                **spec_overrides) -> dict[str, Path]:
-    """{"train": Path, "ood": Path} of task `name` (dyck | arith), generated if missing.
-    spec_overrides replace DyckSpec / ArithSpec fields (e.g. n_train=500)."""
+    """Write task `name` (dyck | arith): {"train": Path, "ood": Path} in cache_dir (default
+    DEFAULT_DIR). The default seed and spec give <name>-train.txt / <name>-ood.txt (what the
+    presets train on); any other seed or spec gets its own names. A file already holding the
+    same bytes is left alone; a stale one is replaced."""
     if name not in TASK_CONFIGS:
         raise ValueError(f"unknown task {name!r}: use one of {sorted(TASK_CONFIGS)}")
     spec = TASK_CONFIGS[name](**spec_overrides)
     key = hashlib.sha1(json.dumps([VERSION, name, seed, dataclasses.asdict(spec)]).encode())
-    root, tag = cache_root(cache_dir), f"{name}-seed{seed}-{key.hexdigest()[:12]}"
+    default = seed == DATA_SEED and not spec_overrides
+    root = resolve_path(cache_dir or DEFAULT_DIR)
+    tag = name if default else f"{name}-seed{seed}-{key.hexdigest()[:12]}"
     paths = {s: root / f"{tag}-{s}.txt" for s in ("train", "ood")}
-    if all(p.exists() for p in paths.values()):
-        return paths
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot write task files in {root} ({e.strerror}): set "
-                         "data.cache_dir=DIR to a writable folder") from None
     texts = {s: "".join(line + "\n" for line in generate(name, s, seed, spec)) for s in paths}
     missing = set(texts["ood"]) - set(texts["train"])
     if missing:  # a char model trained on the train file could not read the OOD file
         raise ValueError(f"{name}: the train split lacks characters of the OOD split "
                          f"{sorted(missing)!r}: raise n_train")
-    for s in ("ood", "train"):  # train last: its presence marks a complete pair
-        atomic_write_text(paths[s], texts[s])
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write task files in {root} ({e.strerror}): pass another "
+                         "folder") from None
+    for s, path in paths.items():
+        if not path.exists() or path.read_text() != texts[s]:
+            atomic_write_text(path, texts[s])
     return paths
 
 
 def task_name(data_path: str) -> str | None:
-    """`dyck` for data_path `task:dyck` or `task:dyck:ood`; None for an ordinary path."""
-    return data_path[len(PREFIX):].split(":")[0] if data_path.startswith(PREFIX) else None
+    """`dyck` for a task file (dyck-train.txt, dyck-ood.txt, ...); None for any other path."""
+    m = FILE.search(str(data_path))
+    return m.group(1) if m else None
 
 
-def task_path(data_path: str, cache_dir: str | None = None) -> Path:
-    """The file behind `task:NAME` (its train file) or `task:NAME:ood`, generated if missing."""
-    name, _, split = data_path[len(PREFIX):].partition(":")
-    if split not in ("", "train", "ood"):
-        raise ValueError(f"data.data_path={data_path}: the split after the task name must be "
-                         "train or ood (e.g. task:dyck:ood)")
-    return task_files(name, cache_dir=cache_dir)[split or "train"]
+def ood_path(data_path: str) -> Path:
+    """The OOD file beside a task's train file."""
+    return resolve_path(re.sub(r"-train\.txt$", "-ood.txt", str(data_path)))
+
+
+def write_missing(data_path: str) -> None:
+    """Before training on a task file that is not there yet: write the default task files."""
+    name, path = task_name(data_path), resolve_path(str(data_path))
+    if name is not None and not path.exists():
+        task_files(name, cache_dir=str(path.parent))
 
 
 # ---------------------------------------------------------------------- determined positions
@@ -281,3 +286,14 @@ def arith_exact_match(complete, lines: list[str], prefix: str = "\n") -> dict:
         start, end = arith_answer_span(line)
         correct += complete(prefix + line[:start]).startswith(line[start:end] + "\n")
     return {"exact_match": correct / max(len(lines), 1), "correct": correct, "n": len(lines)}
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Write the structured task files (train + OOD).")
+    ap.add_argument("tasks", nargs="*", default=sorted(TASK_CONFIGS), help="dyck, arith (default: both)")
+    ap.add_argument("--out", default=DEFAULT_DIR, help=f"folder (default {DEFAULT_DIR})")
+    args = ap.parse_args()
+    for t in args.tasks:
+        for split, path in task_files(t, cache_dir=args.out).items():
+            print(f"{t} {split}: {path}")

@@ -1,6 +1,6 @@
 """compare.py end to end at a tiny size: every run trained and scored on the same windows.
 
-    uv run pytest tests/test_compare.py
+    uv run pytest tests/lab/test_compare.py
 """
 import json
 import os
@@ -16,10 +16,10 @@ pytestmark = pytest.mark.slow  # compare.py as a subprocess, training several ru
 
 def run_compare(tmp_path, base, only, seeds, suite="compare", extra=("eval_steps=[0,1,2,4]",)):
     return subprocess.run(
-        [sys.executable, str(REPO / "compare.py"), f"suite={suite}", f"only={only}", f"base={base}",
+        [sys.executable, "-m", "lab.compare", f"suite={suite}", f"only={only}", f"base={base}",
          "eval_iters=2", *extra, "n_candidates=2", f"seeds={seeds}", f"out_dir={tmp_path}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "WANDB_MODE": "disabled"})
+        env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
 
 
 def tiny_base(*extra):
@@ -135,7 +135,7 @@ def test_shift_eval_of_every_thinking_run(tmp_path):
 
 
 def test_task_table_gives_each_seed_its_own_gain():
-    from compare import task_table
+    from lab.compare import task_table
     det = lambda g: {"ce_k": [1.0, 1.0 - g, 0.9], "gain": g, "gain_ci": [g - 0.01, g + 0.01],  # noqa: E731
                      "acc_k": [0.5, 0.6, 0.7], "acc_bon": 0.55}
     recs = [{"name": "ebt", "seed": s, "trained_k": 1, "task": {"groups": {"val": {"determined": det(g)},

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoebm.evaluate import masked_mean, window_batches
+from lab.scoring import masked_mean, window_batches
 from nanoebm.losses import ce
 from nanoebm.model import EBT
 from nanoebm.think import entropy, initial_logits, think

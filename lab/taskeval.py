@@ -1,4 +1,4 @@
-"""Task metrics for the structured character tasks (nanoebm/tasks.py): where the next character
+"""Task metrics for the structured character tasks (lab/tasks.py): where the next character
 is *determined* by structure (Dyck: which bracket closes; addition: the answer digits), is it
 easier to verify a candidate than to produce it?
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from nanoebm import tasks
-from nanoebm.evaluate import masked_mean, paired_bootstrap
+from lab import tasks
+from lab.scoring import masked_mean, paired_bootstrap
 from nanoebm.generate import generate
 
 

@@ -3,13 +3,13 @@ the same fixed val windows: the thinking curve (val loss at inference think step
 train ms/step, wall-clock, the learned alpha. Writes results/<suite>.json, a markdown table and
 plots.
 
-    uv run python compare.py suite=compare                 # EBT vs Transformer (results)
-    uv run python compare.py suite=compare scale=gpu       # the same at the 6x384 default size
-    uv run python compare.py suite=compare "only=[baseline,ebt]" seeds=[1337,1338]
+    uv run python -m lab.compare suite=compare                 # EBT vs Transformer (results)
+    uv run python -m lab.compare suite=compare scale=gpu       # the same at the 6x384 default size
+    uv run python -m lab.compare suite=compare "only=[baseline,ebt]" seeds=[1337,1338]
 
 With eval_sets=[...] every thinking run is also scored by evaluate.py's machinery against the
 plain transformer of its seed (results/<eval_name>.*), over `jobs` processes, cached in its run
-folder (nanoebm/suite_eval.py); eval_variants adds rows that score a run's checkpoint with other
+folder (lab/suite_eval.py); eval_variants adds rows that score a run's checkpoint with other
 EvalConfig fields.
 
 Each run keeps its record in results/runs/<name>_s<seed>/record.json: re-running a suite scores
@@ -38,11 +38,11 @@ from pathlib import Path
 import hydra
 from omegaconf import OmegaConf
 
-from nanoebm import suite_eval, tasks
-from nanoebm.script_config import CompareConfig
+from lab import suite_eval, tasks
+from lab.config import CompareConfig
 from nanoebm.cli import apply_cli_shims, register_configs, rewrite_argv
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent  # the repository: train.py and its configs/
 
 
 def compose_train(overrides: list[str]):
@@ -73,6 +73,7 @@ def run_one(job: dict) -> dict:
         if rec["overrides"] == job["overrides"] and rec.get("eval_key") == eval_key(job):
             return rec
     if not (root / "final.pt").exists():  # finished runs (final.pt written) are not retrained
+        tasks.write_missing(compose_train(job["overrides"]).data.data_path)  # a task preset's files
         train_run(job["overrides"], job["threads"])
     rec = score(job, (root / "final.pt").resolve().parent)
     tmp = rec_path.with_suffix(".tmp")
@@ -91,7 +92,8 @@ def score(job: dict, run_dir: Path) -> dict:
     import torch
     from nanoebm.checkpoint import load_checkpoint, model_from_checkpoint
     from nanoebm.data import load_data
-    from nanoebm.evaluate import best_of_n_loss, thinking_curve
+    from lab.scoring import best_of_n_loss
+    from nanoebm.losses import thinking_curve
 
     cfg = compose_train(job["overrides"])
     ck = load_checkpoint(run_dir / "final.pt")
@@ -120,8 +122,8 @@ def score(job: dict, run_dir: Path) -> dict:
         rec["val_loss_bon"] = best_of_n_loss(model, batches, trained_k, job["n_candidates"],
                                              job["think_noise"], seed=job["eval_seed"])
     if tasks.task_name(cfg.data.data_path):  # structured task: determined positions, OOD split
-        from nanoebm.script_config import EvalConfig
-        from nanoebm.scorecard import score_checkpoint
+        from lab.config import EvalConfig
+        from lab.scorecard import score_checkpoint
         ev = score_checkpoint(EvalConfig(checkpoint=str(run_dir / "final.pt"), sets=["val"],
                                          windows=job["eval_iters"] * B, bon=job["n_candidates"],
                                          think_noise=job["think_noise"], seed=job["eval_seed"]))
@@ -310,5 +312,5 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     apply_cli_shims()
-    register_configs()
+    register_configs({"base_compare": CompareConfig})
     main()

@@ -1,6 +1,6 @@
-"""The GPU check's driver (start it with scripts/gpu_check.sh, which checks the machine first).
+"""The GPU check's driver (start it with lab/gpu_check.sh, which checks the machine first).
 
-    python3 scripts/gpu_check.py OUT_DIR [LIMIT_S]
+    python3 lab/gpu_check.py OUT_DIR [LIMIT_S]
 
 Stages, each in its own process with a time limit, all inside LIMIT_S (default 480 s):
   cuda tests   pytest -m cuda (tests/test_cuda.py)
@@ -157,7 +157,7 @@ def main(out_dir: Path, limit_s: float) -> dict:
                                    min(120, left()), log)
             st[f"train_{name}"] = {"rc": rc, "seconds": s, **(child_result(out) or {})}
         bench_json = out_dir / "bench_cuda.json"
-        rc, out, s = run_stage([py, "bench.py", "device=cuda", *DEFAULT_SIZE, f"out={bench_json}"],
+        rc, out, s = run_stage([py, "-m", "lab.bench", "device=cuda", *DEFAULT_SIZE, f"out={bench_json}"],
                                min(150, left()), log)
         st["bench"] = {"rc": rc, "seconds": s}
         if rc == 0 and bench_json.exists():

@@ -1,19 +1,19 @@
-"""The start probes (nanoebm/startprobe.py) measure what they say: entropy and CE of each probe
+"""The start probes (lab/startprobe.py) measure what they say: entropy and CE of each probe
 chain, the S1-vs-noise distance, and the sign of the sharpness response on landscapes whose
 answer is known.
 
-    uv run pytest tests/test_startprobe.py
+    uv run pytest tests/lab/test_startprobe.py
 """
 import json
 
 import pytest
 import torch
 
-from evaluate import evaluate
-from nanoebm.script_config import EvalConfig
-from nanoebm.evaluate import position_curve
+from lab.evaluate import evaluate
+from lab.config import EvalConfig
+from nanoebm.losses import position_curve
 from nanoebm.model import EBT
-from nanoebm.startprobe import start_probes
+from lab.startprobe import start_probes
 from nanoebm.think import entropy
 from tests.conftest import tiny_cfg
 

@@ -1,13 +1,13 @@
 """The thinking-curve evaluator: paired across k, k=0 equals the initial candidate's loss, and
 each k equals a separate k-step chain from the same start.
 
-    uv run pytest tests/test_evaluate.py
+    uv run pytest tests/test_thinking_curve.py
 """
 import math
 
 import torch
 
-from nanoebm.evaluate import curve_metrics, thinking_curve
+from nanoebm.losses import curve_metrics, thinking_curve
 from nanoebm.losses import ce
 from nanoebm.model import EBT
 from nanoebm.think import initial_logits, think

@@ -1,14 +1,14 @@
 """Score a checkpoint's thinking curve on any text and under graded shift away from its training
 text: does thinking pay more the further the data is from training (the EBT paper, Fig. 7)?
 
-    uv run python evaluate.py                                     # newest run under out_ebt/
-    uv run python evaluate.py checkpoint=out_ebt/final.pt baseline=out_base/final.pt
-    uv run python evaluate.py "texts=[other.txt]" drop_unknown=true "sets=[val]"
-    uv run python evaluate.py diagnose=true                       # + why steps help or hurt
+    uv run python -m lab.evaluate                                     # newest run under out_ebt/
+    uv run python -m lab.evaluate checkpoint=out_ebt/final.pt baseline=out_base/final.pt
+    uv run python -m lab.evaluate "texts=[other.txt]" drop_unknown=true "sets=[val]"
+    uv run python -m lab.evaluate diagnose=true                       # + why steps help or hurt
 
 Every set is a fixed list of windows, and every k is scored on the same windows from the same
 start (paired). Writes eval.json, eval.md, eval.png (and diagnose.json/md) into out_dir.
-Options live in nanoebm/script_config.py (EvalConfig).
+Options live in nanoebm/config.py (EvalConfig).
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from pathlib import Path
 import hydra
 from omegaconf import OmegaConf
 
-from nanoebm import taskeval
+from lab import taskeval
 from nanoebm.checkpoint import atomic_write_text
-from nanoebm.script_config import EvalConfig
+from lab.config import EvalConfig
 from nanoebm.cli import apply_cli_shims, register_configs
-from nanoebm.scorecard import plot, score_checkpoint, table
+from lab.scorecard import plot, score_checkpoint, table
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -34,13 +34,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     md = table(res) + (f"\n\n{taskeval.table(res)}" if "task" in res else "")
     if "probes" in res:
-        from nanoebm.startprobe import report as probe_report
+        from lab.startprobe import report as probe_report
         md += f"\n\n{probe_report(res['probes'])} on {res['probes']['set']}"
     atomic_write_text(out / "eval.json", json.dumps(res, indent=1))
     atomic_write_text(out / "eval.md", md + "\n")
     plot([("", res)], out / "eval.png")
     if diag is not None:
-        from nanoebm.diagnose import report
+        from lab.diagnose import report
         atomic_write_text(out / "diagnose.json", json.dumps(diag, indent=1))
         atomic_write_text(out / "diagnose.md", report(diag) + "\n")
     print(md)
@@ -58,5 +58,5 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     apply_cli_shims()
-    register_configs()
+    register_configs({"base_eval": EvalConfig})
     main()

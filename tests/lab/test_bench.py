@@ -1,7 +1,7 @@
 """bench.py quick=true runs end to end and writes bench.json with every key (tiny sizes here;
 the benchmark itself is not a timed test).
 
-    uv run pytest tests/test_bench.py
+    uv run pytest tests/lab/test_bench.py
 """
 import json
 import os
@@ -23,7 +23,7 @@ KEYS = ["train_step_ms_baseline", "train_step_ms_ebt", "ebt_over_baseline",
 
 def test_bench_quick_writes_every_key(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "bench.py", "quick=true", "model.n_layer=1", "model.n_head=2",
+    r = subprocess.run([sys.executable, "-m", "lab.bench", "quick=true", "model.n_layer=1", "model.n_head=2",
                         "model.n_embd=32", "data.block_size=16", "data.batch_size=4",
                         "gen_block_size=40", "gen_tokens=8", "threads=1", "gen_compile=false",
                         f"out={out}"],  # compiled generation: tests/test_think_at.py

@@ -1,8 +1,8 @@
 """Benchmark, in one run: EBT vs its baseline (think_steps=0) at the same size.
 
-    uv run python bench.py                 # CPU bench config: 4L/4H/128d, block 64, batch 12
-    uv run python bench.py quick=true      # about a minute
-    uv run python bench.py model.think_steps=3 data.batch_size=32 device=cuda
+    uv run python -m lab.bench                 # CPU bench config: 4L/4H/128d, block 64, batch 12
+    uv run python -m lab.bench quick=true      # about a minute
+    uv run python -m lab.bench model.think_steps=3 data.batch_size=32 device=cuda
 
 Measures full training steps (forward, thinking, backward, optimizer; warm-up then the median of
 interleaved rounds), peak memory (CUDA: the allocator's peak; CPU: parameters + gradients +
@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from nanoebm import runtime as rt
-from nanoebm.script_config import BenchConfig
+from lab.config import BenchConfig
 from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.generate import generate
@@ -248,5 +248,5 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     apply_cli_shims()
-    register_configs()
+    register_configs({"base_bench": BenchConfig})
     main()

@@ -1,8 +1,8 @@
 """The measured points behind docs/gpu.md's memory tables, at the GPT-2 vocabulary (50,257).
 
-    uv run python scripts/memory_points.py               # CPU: saved-bytes meter, ~10 minutes
-    uv run python scripts/memory_points.py --quick       # the fineweb_gpt2 points only
-    uv run python scripts/memory_points.py --table       # re-print results/memory_points.json
+    uv run python -m lab.memory_points               # CPU: saved-bytes meter, ~10 minutes
+    uv run python -m lab.memory_points --quick       # the fineweb_gpt2 points only
+    uv run python -m lab.memory_points --table       # re-print results/memory_points.json
 
 For the fineweb_gpt2 preset (6 x 384, T=256) the saved-bytes meter at B = 1, 2, 4 windows (its
 linearity in B*T), without thinking (K=0), under bf16 autocast, and the allocation peak that

@@ -1,7 +1,7 @@
 """evaluate.py: any text scored like the training evaluator, the shift sets built as they claim,
 paired intervals, the shift axis, bad input, and a BPE checkpoint on a parquet folder.
 
-    uv run pytest tests/test_eval_shift.py
+    uv run pytest tests/lab/test_eval_shift.py
 """
 import json
 from pathlib import Path
@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate as ev
-from nanoebm.scorecard import run_data
+from lab import evaluate as ev
+from lab.scorecard import run_data
 import train as train_mod
 from nanoebm.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
-from nanoebm.script_config import EvalConfig
-from nanoebm.evaluate import paired_bootstrap, score_windows, thinking_curve
-from nanoebm.shift import corrupt_set, text_set
+from lab.config import EvalConfig
+from lab.scoring import paired_bootstrap, score_windows
+from nanoebm.losses import thinking_curve
+from lab.shift import corrupt_set, text_set
 from nanoebm.tokenizer import tokenizer_from_meta
 from tests.conftest import REPO, SMALL, compose
 
@@ -98,7 +99,7 @@ def test_seen_and_unseen_windows_are_what_they_claim(runs, tmp_path, resumed):
     seen = sampled_targets(ck, n_train)
     res = ev.evaluate(EvalConfig(checkpoint=str(path), out_dir=str(tmp_path / "o"), device="cpu",
                                  sets=["train_seen", "train_unseen"], windows=8, bootstrap=50))
-    from nanoebm.shift import builtin_sets
+    from lab.shift import builtin_sets
     data = run_data(ck, EvalConfig())
     tok = tokenizer_from_meta(ck["meta"])
     sets = {s.name: s for s in builtin_sets(["train_seen", "train_unseen"], data, ck, tok, 16, 8, 0)[0]}
@@ -191,11 +192,11 @@ def test_record_and_baseline_errors(runs, tmp_path):
 def test_cli_writes_files(runs, tmp_path):
     import subprocess
     import sys
-    p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), f"checkpoint={runs['ebt']}",
+    p = subprocess.run([sys.executable, "-m", "lab.evaluate", f"checkpoint={runs['ebt']}",
                         "sets=[val,corrupt_05,lower]", "windows=8", "bootstrap=20", "steps=2",
-                        f"out_dir={tmp_path / 'cli'}"], capture_output=True, text=True, timeout=300)
+                        f"out_dir={tmp_path / 'cli'}"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode == 0, p.stderr
     assert "| lower |" in p.stdout and (tmp_path / "cli" / "eval.json").exists()
-    p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), f"checkpoint={runs['ebt']}",
-                        "sets=[nope]"], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-m", "lab.evaluate", f"checkpoint={runs['ebt']}",
+                        "sets=[nope]"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode == 1 and p.stderr.strip().startswith("error: unknown set(s) ['nope']")

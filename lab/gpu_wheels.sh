@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run where PyPI is reachable: fetch into .whl/ the packages a bare GPU machine lacks (hydra-core,
 # omegaconf, antlr4-python3-runtime, at the versions uv.lock pins) for Python 3.12 on x86-64.
-#   bash scripts/gpu_wheels.sh
-# scripts/gpu_check.sh installs them there with pip --no-index into /tmp/site (docs/gpu.md).
+#   bash lab/gpu_wheels.sh
+# lab/gpu_check.sh installs them there with pip --no-index into /tmp/site (docs/gpu.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -1,7 +1,7 @@
-"""Structured tasks (nanoebm/tasks.py): the generated files, the determined-position masks
+"""Structured tasks (lab/tasks.py): the generated files, the determined-position masks
 against hand-written lines and a stack reference, arith exact match, and both presets training.
 
-    uv run pytest tests/test_tasks.py
+    uv run pytest tests/lab/test_tasks.py
 """
 import math
 import re
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoebm import tasks
+from lab import tasks
 from nanoebm.config import DataConfig
 from nanoebm.data import load_data
 from nanoebm.tokenizer import CharTokenizer
@@ -168,35 +168,41 @@ def test_arith_exact_match_with_fake_completions():
 
 
 # --------------------------------------------------------------------------- data and train
-def test_data_path_names_a_task(cache):
+def test_task_files_are_plain_text_files_the_loader_reads(cache):
     files = tasks.task_files("dyck", cache_dir=str(cache))
-    data = load_data(DataConfig(data_path="task:dyck", cache_dir=str(cache), block_size=64))
+    assert [p.name for p in files.values()] == ["dyck-train.txt", "dyck-ood.txt"]
+    data = load_data(DataConfig(data_path=str(files["train"]), block_size=64))
     assert data.tokenizer.chars == sorted(tasks.BRACKETS + "\n")
     assert len(data.train) + len(data.val) == len(files["train"].read_text())
     assert math.isclose(len(data.val) / len(files["train"].read_text()), 0.1, abs_tol=1e-4)
-    assert tasks.task_path("task:dyck:ood", str(cache)) == files["ood"]
-    assert tasks.task_path("task:dyck:train", str(cache)) == files["train"]
-    assert tasks.task_name("task:arith:ood") == "arith" and tasks.task_name("x.txt") is None
-    with pytest.raises(ValueError, match="must be train or ood"):
-        tasks.task_path("task:dyck:test", str(cache))
+    assert tasks.ood_path(str(files["train"])) == files["ood"]
+    assert tasks.task_name(str(files["ood"])) == "dyck" and tasks.task_name("x.txt") is None
     with pytest.raises(ValueError, match="unknown task 'sort'"):
-        load_data(DataConfig(data_path="task:sort", cache_dir=str(cache)))
+        tasks.task_files("sort", cache_dir=str(cache))
+    with pytest.raises(FileNotFoundError, match="lab.tasks"):
+        load_data(DataConfig(data_path=str(cache / "nothing" / "dyck-train.txt")))
+    before = files["train"].stat().st_mtime_ns  # the same bytes again: the file is left alone
+    assert tasks.task_files("dyck", cache_dir=str(cache)) == files
+    assert files["train"].stat().st_mtime_ns == before
 
 
 @pytest.mark.parametrize("preset", ["dyck_cpu", "arith_cpu"])
 def test_preset_trains_end_to_end(preset, cache, tmp_path):
     import train as train_mod
     from nanoebm.checkpoint import load_checkpoint
-    assert compose(f"experiment={preset}").data.data_path == f"task:{preset.split('_')[0]}"
-    cfg = compose(f"experiment={preset}", *SMALL, f"data.cache_dir={cache}", f"out_dir={tmp_path}")
+    task = preset.split("_")[0]
+    assert compose(f"experiment={preset}").data.data_path == f"~/.cache/nanoebm/tasks/{task}-train.txt"
+    tasks.write_missing(str(cache / f"{task}-train.txt"))  # what lab.compare does before training
+    cfg = compose(f"experiment={preset}", *SMALL, f"data.data_path={cache}/{task}-train.txt",
+                  f"out_dir={tmp_path}")
     summary = train_mod.train(cfg)
     assert summary["step"] == 2 and math.isfinite(summary["val_loss"])
     ck = load_checkpoint(Path(summary["run_dir"]) / "final.pt")
     train_text = tasks.task_files(preset.split("_")[0], cache_dir=str(cache))["train"].read_text()
     assert ck["meta"]["chars"] == sorted(set(train_text))
     # evaluate.py writes the task metrics: determined vs free positions, in and out of distribution
-    import evaluate as ev
-    from nanoebm.script_config import EvalConfig
+    from lab import evaluate as ev
+    from lab.config import EvalConfig
     res = ev.evaluate(EvalConfig(checkpoint=str(Path(summary["run_dir"]) / "final.pt"), sets=["val"],
                                  windows=6, bootstrap=20, task_lines=3, device="cpu",
                                  out_dir=str(tmp_path / "ev")))
