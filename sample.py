@@ -7,9 +7,12 @@
     uv run python sample.py n_candidates=4 think_noise=0.5    # best-of-4 by final energy
     uv run python sample.py compile=true                      # torch.compile the think step
 
-Options live in nanoebm/config.py (SampleConfig); `python sample.py --cfg job` prints them.
+Options: SampleConfig below; `python sample.py --cfg job` prints them.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import hydra
 import torch
@@ -17,10 +20,53 @@ from omegaconf import OmegaConf
 
 from nanoebm import runtime as rt
 from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
-from nanoebm.config import SampleConfig
+from nanoebm.config import check_rules
 from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.generate import encode_prompt, generate
 from nanoebm.tokenizer import resolve_tokenizer
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: Optional[str] = None     # None = the newest finished run under out_dir
+    out_dir: str = "out_ebt"
+    prompt: str = "\n"
+    strict_prompt: bool = True           # false: drop characters the char vocabulary lacks
+    max_new_tokens: int = 200
+    num_samples: int = 1
+    # -- thinking; None = what the checkpoint was trained with
+    use_thinking: bool = True            # false: System-1 logits (no S1 head: the z_0 candidate)
+    think_steps: Optional[int] = None    # None = the model's eval_think_steps (K + r)
+    think_lr: Optional[float] = None     # None = the trained alpha
+    think_noise: float = 0.0             # std of the noise added to z before each think step
+    accept_lower_energy: bool = False    # keep a think step only where it lowers the energy
+    n_candidates: int = 1                # best-of-N: N chains per token, lowest final energy wins
+    think_neutral: Optional[bool] = None  # sharpening-neutral steps (None = the checkpoint's setting)
+    # -- decoding
+    sample: bool = False                 # false = argmax (greedy, deterministic)
+    sample_temp: float = 1.0
+    topk: Optional[int] = None           # keep the k most likely tokens (None/0 = all)
+    sample_top_p: Optional[float] = None  # nucleus: smallest set with mass >= p (None = all)
+    seed: int = 1337
+    kv_cache: bool = True
+    compile: bool = False                # torch.compile the think step (first token compiles)
+    device: str = "auto"
+    stream: bool = True                  # print tokens as they come (one sample; a batch prints at the end)
+    tokenizer: Optional[str] = None      # None = from the checkpoint; char | gpt2 | tiktoken name
+    bpe_encoding: Optional[str] = None   # tiktoken encoding for tokenizer=gpt2 (default gpt2)
+
+    def __post_init__(self):
+        check_rules([(self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
+                (self.num_samples >= 1, "num_samples must be >= 1"),
+                (self.n_candidates >= 1, "n_candidates must be >= 1"),
+                (self.think_steps is None or self.think_steps >= 0, "think_steps must be >= 0"),
+                (self.think_lr is None or self.think_lr > 0, "think_lr must be > 0"),
+                (self.think_noise >= 0, "think_noise must be >= 0"),
+                (self.topk is None or self.topk >= 0, "topk must be >= 0 (0 = off)"),
+                (self.sample_top_p is None or 0 < self.sample_top_p <= 1,
+                 "sample_top_p must be in (0, 1]"),
+                (not self.sample or self.sample_temp > 0,
+                 "sample_temp must be > 0 (for argmax use sample=false)")])
 
 
 class Printer:
@@ -134,5 +180,5 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     apply_cli_shims(verbatim=("prompt",))  # a prompt is free text: commas etc. are literal
-    register_configs()
+    register_configs({"base_sample": SampleConfig})
     main()

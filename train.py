@@ -26,8 +26,7 @@ from nanoebm.checkpoint import (atomic_save, carry_metrics, load_checkpoint, poi
 from nanoebm.config import TrainRunConfig
 from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.console import Clock, eval_line, fmt_time, train_line, train_row
-from nanoebm.coverage import continue_record, new_segment
-from nanoebm.data import load_data
+from nanoebm.data import continue_record, load_data, new_segment
 from nanoebm.losses import curve_metrics, forward_backward, thinking_curve
 from nanoebm.memory import fit_batch
 from nanoebm.model import EBT
@@ -76,7 +75,7 @@ def train(cfg: TrainRunConfig) -> dict:
     # ---------------------------------------------------------------------------- resume
     # Weights, AdamW moments, every random stream and the shaping state come back, so the
     # losses continue exactly. The sampler's record gets a segment per start or resume:
-    # replaying it gives every window the run trained on (nanoebm/coverage.py).
+    # replaying it gives every window the run trained on (lab/coverage.py).
     step = restore_training(resume, model, opt, data_gen, shaping, rank, device) if resume else 0
     cfg = fit_batch(cfg, model, data, device, autocast, verbose=master)  # too big: stop or split
     B, accum = cfg.data.batch_size, cfg.train.grad_accum_steps

@@ -16,14 +16,16 @@ Modes (files go to out_dir, default out_ebt/viz; each written file is printed as
   margin        E(true token) vs E(final candidate) and vs other one-hot tokens, + text report
   eval          val loss / bpb (bpt for BPE) after k = 0..steps think steps, + JSON/markdown
   per_token     bowl panels (per_token_anim=true: animations) for the next `tokens` tokens
-Options: nanoebm/config.py (VizConfig).
+Options: VizConfig below.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
@@ -32,8 +34,7 @@ from omegaconf import OmegaConf
 from nanoebm import landscape as L
 from nanoebm import plots as P
 from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
-from nanoebm.config import DataConfig
-from nanoebm.config import VizConfig
+from nanoebm.config import DataConfig, check_rules, choice_rules
 from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.losses import thinking_curve
@@ -41,6 +42,49 @@ from nanoebm.runtime import pick_device
 from nanoebm.tokenizer import tokenizer_from_meta
 
 FULL_SCAN_VOCAB = 4096  # topk: above this vocabulary, rank the 1024 most probable tokens only
+
+
+@dataclass
+class VizConfig:
+    """viz.py: pictures computed from a checkpoint's real energies (see viz.py for the modes)."""
+    checkpoint: Optional[str] = None  # None: the newest out_ebt/run_*/final.pt
+    mode: str = "topk"           # one of VIZ_MODES (viz.py's docstring says what each draws)
+    prompt: str = "ROMEO:"
+    steps: int = 8               # think steps to trace (K)
+    topk: int = 20               # topk: bars for the lowest-energy next tokens
+    topk_think: int = 10         # traj: tokens whose trajectories are drawn
+    traj_space: str = "logits"   # traj: logits (centred) | probs
+    multi_trajectories: int = 5  # gap_multi: noisy chains overlaid
+    think_noise: float = 0.3     # gap_multi: std of the noise added to z before each step
+    tokens: int = 3              # per_token: generated tokens to trace
+    per_token_anim: bool = False  # per_token: one animation per token instead of panels
+    grid: int = 41               # points per axis of bowl profiles / surface slices (made odd)
+    span: float = 4.0            # half-width of bowl profiles / surface padding, logit units
+    split: str = "val"           # batch modes (gap, margin, eval): train | val
+    batch_size: int = 16
+    eval_iters: int = 4          # eval: fixed batches in the thinking curve
+    data_path: Optional[str] = None  # batch modes: None = the checkpoint's data.data_path
+    out_dir: str = "out_ebt/viz"
+    writer: str = "auto"         # animations: auto (mp4 if ffmpeg exists, else gif) | gif | mp4
+    seed: int = 1337
+    dpi: int = 100
+    device: str = "auto"         # auto (cuda > mps > cpu) | cuda | mps | cpu
+
+    def __post_init__(self):
+        min_steps = 0 if self.mode in ("topk", "eval") else 1
+        counts = ("topk", "topk_think", "multi_trajectories", "tokens", "batch_size", "eval_iters",
+                  "dpi")
+        check_rules(choice_rules(self, "", {"mode": VIZ_MODES, "writer": ("auto", "gif", "mp4"),
+                                   "split": ("train", "val"), "traj_space": ("logits", "probs")})
+               + [(self.steps >= min_steps,
+                   f"steps={self.steps}: mode={self.mode} needs steps >= {min_steps}")]
+               + [(getattr(self, n) >= 1, f"{n}={getattr(self, n)} must be >= 1") for n in counts]
+               + [(self.grid >= 3 and self.span > 0,
+                   f"grid={self.grid}, span={self.span}: need grid >= 3 and span > 0")])
+
+
+VIZ_MODES = ("topk", "gap", "gap_multi", "bowl_panels", "bowl_anim", "traj", "surface3d",
+             "surface_anim", "margin", "eval", "per_token")
 
 
 class Viz:
@@ -296,5 +340,5 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     apply_cli_shims()
-    register_configs()
+    register_configs({"base_viz": VizConfig})
     main()

@@ -29,11 +29,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nanoebm import runtime as rt
 from lab.config import BenchConfig
+from lab.meter import state_bytes
 from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.generate import generate
 from nanoebm.losses import forward_backward
-from nanoebm.memory import SavedBytes, state_bytes
+from nanoebm.memory import SavedBytes
 from nanoebm.model import EBT
 from nanoebm.think import initial_logits, think
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoebm.coverage import target_coverage
+from lab.coverage import target_coverage
 from nanoebm.tokenizer import CharTokenizer
 
 BUILTIN_SETS = ("val", "train_seen", "train_unseen", "corrupt_02", "corrupt_05", "corrupt_10",

@@ -115,7 +115,7 @@ def arith_lines(rng: random.Random, n_lines: int, digits: tuple) -> list[str]:
     return [f"{a}+{b}={a + b}" for a, b in ((operand(), operand()) for _ in range(n_lines))]
 
 
-def generate(name: str, split: str, seed: int, spec) -> list[str]:
+def task_lines(name: str, split: str, seed: int, spec) -> list[str]:
     """The lines of one split; each split has its own random stream (same seed, same lines)."""
     rng = random.Random(f"{name}:{split}:{seed}")  # str seeds hash with sha512: stable
     train = split == "train"
@@ -147,7 +147,7 @@ def task_files(name: str, seed: int = DATA_SEED, cache_dir: str | None = None,
     root = resolve_path(cache_dir or DEFAULT_DIR)
     tag = name if default else f"{name}-seed{seed}-{key.hexdigest()[:12]}"
     paths = {s: root / f"{tag}-{s}.txt" for s in ("train", "ood")}
-    texts = {s: "".join(line + "\n" for line in generate(name, s, seed, spec)) for s in paths}
+    texts = {s: "".join(line + "\n" for line in task_lines(name, s, seed, spec)) for s in paths}
     missing = set(texts["ood"]) - set(texts["train"])
     if missing:  # a char model trained on the train file could not read the OOD file
         raise ValueError(f"{name}: the train split lacks characters of the OOD split "

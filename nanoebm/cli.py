@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from nanoebm.config import SampleConfig, TrainRunConfig, VizConfig
+from nanoebm.config import TrainRunConfig
 
 # --------------------------------------------------------------------------------------------
 # command-line shims. LEGACY_ALIASES: legacy spelling -> (canonical key, inverted?), names from
@@ -92,8 +92,7 @@ def apply_cli_shims(verbatim: tuple[str, ...] = ()) -> None:
 
 def register_configs(nodes: dict | None = None) -> None:
     """Register schemas with Hydra's ConfigStore (only entry scripts and tests call this): the
-    scripts' own by default; a lab tool passes {name: its dataclass}."""
+    training run's by default; sample.py, viz.py and the lab's tools pass {name: their dataclass}."""
     from hydra.core.config_store import ConfigStore
-    core = {"base_train": TrainRunConfig, "base_sample": SampleConfig, "base_viz": VizConfig}
-    for name, node in (nodes or core).items():
+    for name, node in (nodes or {"base_train": TrainRunConfig}).items():
         ConfigStore.instance().store(name=name, node=node)

@@ -1,5 +1,6 @@
-"""Typed configs: a training run (the model, the data, the loop: train.py), sample.py and viz.py.
-The lab's tools keep theirs in lab/config.py; the command-line shims live in nanoebm/cli.py.
+"""Typed config schema of a training run: the model, the data, the loop (train.py). sample.py and
+viz.py keep their own options at their top, the lab's tools in lab/config.py; the command-line
+shims live in nanoebm/cli.py.
 
 The dataclasses are the single source of truth for option names, defaults and valid values:
 each checks its own options in __post_init__, so a bad value fails with one line naming the fix
@@ -180,89 +181,3 @@ class TrainRunConfig:
         check_rules([(not self.model.block_size or self.model.block_size >= self.data.block_size,
                  f"model.block_size={self.model.block_size} < data.block_size="
                  f"{self.data.block_size}: raise it or leave it at 0")])
-
-
-@dataclass
-class SampleConfig:
-    checkpoint: Optional[str] = None     # None = the newest finished run under out_dir
-    out_dir: str = "out_ebt"
-    prompt: str = "\n"
-    strict_prompt: bool = True           # false: drop characters the char vocabulary lacks
-    max_new_tokens: int = 200
-    num_samples: int = 1
-    # -- thinking; None = what the checkpoint was trained with
-    use_thinking: bool = True            # false: System-1 logits (no S1 head: the z_0 candidate)
-    think_steps: Optional[int] = None    # None = the model's eval_think_steps (K + r)
-    think_lr: Optional[float] = None     # None = the trained alpha
-    think_noise: float = 0.0             # std of the noise added to z before each think step
-    accept_lower_energy: bool = False    # keep a think step only where it lowers the energy
-    n_candidates: int = 1                # best-of-N: N chains per token, lowest final energy wins
-    think_neutral: Optional[bool] = None  # sharpening-neutral steps (None = the checkpoint's setting)
-    # -- decoding
-    sample: bool = False                 # false = argmax (greedy, deterministic)
-    sample_temp: float = 1.0
-    topk: Optional[int] = None           # keep the k most likely tokens (None/0 = all)
-    sample_top_p: Optional[float] = None  # nucleus: smallest set with mass >= p (None = all)
-    seed: int = 1337
-    kv_cache: bool = True
-    compile: bool = False                # torch.compile the think step (first token compiles)
-    device: str = "auto"
-    stream: bool = True                  # print tokens as they come (one sample; a batch prints at the end)
-    tokenizer: Optional[str] = None      # None = from the checkpoint; char | gpt2 | tiktoken name
-    bpe_encoding: Optional[str] = None   # tiktoken encoding for tokenizer=gpt2 (default gpt2)
-
-    def __post_init__(self):
-        check_rules([(self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
-                (self.num_samples >= 1, "num_samples must be >= 1"),
-                (self.n_candidates >= 1, "n_candidates must be >= 1"),
-                (self.think_steps is None or self.think_steps >= 0, "think_steps must be >= 0"),
-                (self.think_lr is None or self.think_lr > 0, "think_lr must be > 0"),
-                (self.think_noise >= 0, "think_noise must be >= 0"),
-                (self.topk is None or self.topk >= 0, "topk must be >= 0 (0 = off)"),
-                (self.sample_top_p is None or 0 < self.sample_top_p <= 1,
-                 "sample_top_p must be in (0, 1]"),
-                (not self.sample or self.sample_temp > 0,
-                 "sample_temp must be > 0 (for argmax use sample=false)")])
-
-
-@dataclass
-class VizConfig:
-    """viz.py: pictures computed from a checkpoint's real energies (see viz.py for the modes)."""
-    checkpoint: Optional[str] = None  # None: the newest out_ebt/run_*/final.pt
-    mode: str = "topk"           # one of VIZ_MODES (viz.py's docstring says what each draws)
-    prompt: str = "ROMEO:"
-    steps: int = 8               # think steps to trace (K)
-    topk: int = 20               # topk: bars for the lowest-energy next tokens
-    topk_think: int = 10         # traj: tokens whose trajectories are drawn
-    traj_space: str = "logits"   # traj: logits (centred) | probs
-    multi_trajectories: int = 5  # gap_multi: noisy chains overlaid
-    think_noise: float = 0.3     # gap_multi: std of the noise added to z before each step
-    tokens: int = 3              # per_token: generated tokens to trace
-    per_token_anim: bool = False  # per_token: one animation per token instead of panels
-    grid: int = 41               # points per axis of bowl profiles / surface slices (made odd)
-    span: float = 4.0            # half-width of bowl profiles / surface padding, logit units
-    split: str = "val"           # batch modes (gap, margin, eval): train | val
-    batch_size: int = 16
-    eval_iters: int = 4          # eval: fixed batches in the thinking curve
-    data_path: Optional[str] = None  # batch modes: None = the checkpoint's data.data_path
-    out_dir: str = "out_ebt/viz"
-    writer: str = "auto"         # animations: auto (mp4 if ffmpeg exists, else gif) | gif | mp4
-    seed: int = 1337
-    dpi: int = 100
-    device: str = "auto"         # auto (cuda > mps > cpu) | cuda | mps | cpu
-
-    def __post_init__(self):
-        min_steps = 0 if self.mode in ("topk", "eval") else 1
-        counts = ("topk", "topk_think", "multi_trajectories", "tokens", "batch_size", "eval_iters",
-                  "dpi")
-        check_rules(choice_rules(self, "", {"mode": VIZ_MODES, "writer": ("auto", "gif", "mp4"),
-                                   "split": ("train", "val"), "traj_space": ("logits", "probs")})
-               + [(self.steps >= min_steps,
-                   f"steps={self.steps}: mode={self.mode} needs steps >= {min_steps}")]
-               + [(getattr(self, n) >= 1, f"{n}={getattr(self, n)} must be >= 1") for n in counts]
-               + [(self.grid >= 3 and self.span > 0,
-                   f"grid={self.grid}, span={self.span}: need grid >= 3 and span > 0")])
-
-
-VIZ_MODES = ("topk", "gap", "gap_multi", "bowl_panels", "bowl_anim", "traj", "surface3d",
-             "surface_anim", "margin", "eval", "per_token")

@@ -281,3 +281,23 @@ def load_data(cfg: DataConfig, rank: int = 0, world: int = 1) -> TokenData:
                              f"data.block_size={cfg.block_size}: lower data.block_size or use "
                              "more data")
     return data
+
+
+# ------------------------------------------------------------------------ the sampler's record
+# Training windows come from one torch.Generator (train.py's data_gen): every micro-batch draws
+# world * B window starts with torch.randint. So the generator's state at a run's start, the
+# number of draws and their size determine every window the run saw. A checkpoint stores that
+# as one segment per start or resume (its own `step` ends the last), and replaying the segments
+# reproduces the starts bit for bit (lab/coverage.py), without one bit per training token.
+def new_segment(gen: torch.Generator, step: int, accum: int, n: int, high: int, block: int) -> dict:
+    """The record of the draws that start now, from gen's current state."""
+    return {"state": gen.get_state().clone(), "start_step": int(step), "accum": int(accum),
+            "n": int(n), "high": int(high), "block": int(block)}
+
+
+def continue_record(record: list | None, step: int) -> list | None:
+    """A resumed run's record: the checkpoint's segments up to its step (None: no record, e.g.
+    a checkpoint from before records existed; the resumed run then has no exact record either)."""
+    if record is None:
+        return None
+    return [s for s in record if s["start_step"] < step]

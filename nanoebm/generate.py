@@ -48,16 +48,6 @@ class GenOut:
     compile_seconds: float = 0.0      # of which compiling the think step (compile=True)
 
 
-def repeat_context(ctx: Context, n: int) -> Context:
-    """Each row's cache repeated n times (rows b*n .. b*n+n-1 are copies of row b): n chains as
-    n rows, the straightforward layout that the batched chains of `propose` are checked against."""
-    if n == 1:
-        return ctx
-    kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in ctx.kv]
-    s1 = ctx.s1_logits[:, -1:].repeat_interleave(n, 0) if ctx.s1_logits is not None else None
-    return Context(kv=kv, s1_logits=s1)
-
-
 def propose(model: EBT, ctx: Context, *, use_thinking: bool = True, think_steps: int | None = None,
             think_lr: float | None = None, think_noise: float = 0.0,
             accept_lower_energy: bool = False, n_candidates: int = 1,

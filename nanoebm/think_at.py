@@ -1,20 +1,13 @@
 """Thinking at one position: generation's think step, eager or compiled.
 
-Generating a token thinks about ONE position (the next token) with the context fixed, so a step
-can do much less than `think` in general:
-  * the candidate stream runs for that position only and reads the cached context keys/values
-    in place; RoPE at that position is folded into the q/k weights once per token (`position`),
-  * N chains (best-of-N) share their row's cache: they are N queries at the same position,
-  * first order only, and dE/dp is written out by hand (`energy_grad_at`): at one position a
-    step is a few hundred tiny ops, and autograd's bookkeeping per op would cost more than the
-    arithmetic. Nothing is kept between steps. Under step_adaln each norm's gain and the step's
-    scale are one factor per step, folded once per generation like the gains,
-  * the final energy E(z_K) is computed only when a caller reads it (and comes free with
-    accept_lower_energy, whose last test already measured it).
-`Thinker(model, compile=True)` runs the same step through torch.compile. The context is then
-copied into fixed-size buffers so every token's step has the same shapes: one compiled graph
-serves the whole generation (on CUDA replayed as a CUDA graph, mode="reduce-overhead").
-Tests check all of it against `think` and autograd on the full model.
+Generating a token thinks about ONE position with the context fixed, so a step does much less
+than `think`: the candidate stream runs for that position only, reading the cached keys/values
+in place, with RoPE there folded into the q/k weights once per token (`position`); best-of-N's
+N chains are N queries sharing their row's cache; and dE/dp is written out by hand
+(`energy_grad_at`), because at one position a step is a few hundred tiny ops and autograd's
+bookkeeping would cost more than the arithmetic. `Thinker(model, compile=True)` runs the same
+step through torch.compile on a context padded to fixed-size buffers, so one graph serves the
+whole generation (on CUDA replayed as a CUDA graph). Tests hold it equal to `think`.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nanoebm.config import ModelConfig
+from nanoebm.model import Context
 from nanoebm.cli import register_configs, rewrite_argv
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -50,6 +51,10 @@ def compose(*overrides: str, config_name: str = "train"):
     from omegaconf import OmegaConf
     register_configs()
     config_dir = CONFIG_DIR
+    if config_name in ("sample", "viz"):  # the scripts keep their own options
+        from sample import SampleConfig
+        from viz import VizConfig
+        register_configs({"base_sample": SampleConfig, "base_viz": VizConfig})
     if config_name in ("evaluate", "compare", "bench"):  # the lab's tools keep their own configs
         from lab.config import BenchConfig, CompareConfig, EvalConfig
         register_configs({"base_eval": EvalConfig, "base_compare": CompareConfig,
@@ -71,3 +76,14 @@ def trained_ckpt(tmp_path_factory) -> Path:
                   "train.eval_interval=1000", "train.log_interval=1000", f"out_dir={out}")
     summary = train(cfg)
     return Path(summary["run_dir"]) / "final.pt"
+
+
+def repeat_context(ctx: Context, n: int) -> Context:
+    """Each row's cache repeated n times (rows b*n .. b*n+n-1 are copies of row b): n chains as
+    n rows, the straightforward layout that
+    generation's batched chains (nanoebm/generate.py) are checked against."""
+    if n == 1:
+        return ctx
+    kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in ctx.kv]
+    s1 = ctx.s1_logits[:, -1:].repeat_interleave(n, 0) if ctx.s1_logits is not None else None
+    return Context(kv=kv, s1_logits=s1)

@@ -13,7 +13,8 @@ import pytest
 from nanoebm.checkpoint import model_config_from_dict
 from nanoebm.cli import check_presets
 from nanoebm.config import DataConfig, ModelConfig, TrainRunConfig
-from nanoebm.config import SampleConfig, VizConfig
+from sample import SampleConfig
+from viz import VizConfig
 from tests.conftest import REPO, compose
 
 

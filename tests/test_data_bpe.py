@@ -313,7 +313,7 @@ TINY = [*SMALL, "train.device=cpu"]
 def test_train_bpe_end_to_end(rank_file, tmp_path, monkeypatch):
     import sample as sample_script
     from nanoebm.checkpoint import load_checkpoint
-    from nanoebm.config import SampleConfig
+    from sample import SampleConfig
     from train import train
     monkeypatch.setenv("WANDB_MODE", "disabled")
     write_shards(tmp_path / "fw", 3)

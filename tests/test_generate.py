@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from nanoebm.config import ModelConfig
-from nanoebm.generate import (encode_prompt, filter_logits, generate, pick_token, propose,
-                              repeat_context)
+from nanoebm.generate import encode_prompt, filter_logits, generate, pick_token, propose
 from nanoebm.losses import ebt_loss
 from nanoebm.model import EBT
 from nanoebm.think import initial_logits, think
+from tests.conftest import repeat_context
 from nanoebm.tokenizer import CharTokenizer, load_bpe, resolve_tokenizer
 
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ import torch
 import sample as sample_script
 from nanoebm.checkpoint import atomic_save, point_link
 from nanoebm.config import ModelConfig
-from nanoebm.config import SampleConfig
+from sample import SampleConfig
 from nanoebm.cli import rewrite_argv
 from nanoebm.model import EBT
 from nanoebm.tokenizer import CharTokenizer

@@ -14,7 +14,7 @@ import torch
 
 import train as train_mod
 from nanoebm.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
-from nanoebm.generate import repeat_context
+from tests.conftest import repeat_context
 from nanoebm.losses import ebt_loss
 from nanoebm.model import EBT
 from nanoebm.think_at import energy_grad_at, position

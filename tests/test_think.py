@@ -178,7 +178,7 @@ def test_prox_weight_makes_long_chains_converge_instead_of_drifting():
 def test_default_recipe_think_step_lowers_ce_on_a_fixed_batch(trained_ckpt):
     """A few dozen steps of the default recipe: one think step from the S1 start lowers the CE
     of a fixed batch of training windows (directional: the step learned to help where it was
-    trained; whether that carries to val is what docs/thinking.md measures)."""
+    trained; whether that carries to val is what lab/LOG.md records)."""
     from nanoebm.losses import ce
     m = model_from_checkpoint(load_checkpoint(trained_ckpt)).eval()
     data = load_data(DataConfig(block_size=32))

@@ -10,7 +10,8 @@ import torch
 
 from nanoebm import think_at
 from nanoebm.config import ModelConfig
-from nanoebm.generate import generate, propose, repeat_context
+from nanoebm.generate import generate, propose
+from tests.conftest import repeat_context
 from nanoebm.model import EBT, Context
 from nanoebm.think import think
 from nanoebm.think_at import PaddedKV, Thinker, energy_grad_at, position
@@ -64,10 +65,11 @@ def test_energy_gradient_matches_autograd_on_the_full_model(kw):
     torch.testing.assert_close((E_pad, g_pad), (E, g), rtol=0, atol=1e-12)
 
 
+# every think option that acts at inference (the fast step has a branch for each, and no other)
 OPTIONS = [dict(), dict(think_grad="probs"), dict(think_grad="logits", softmax_temperature=0.7),
            dict(entropy_weight=0.1), dict(think_max_move=0.05), dict(think_prox_weight=0.0),
-           dict(step_embed=True),
-           dict(step_adaln=True)]
+           dict(think_neutral=True), dict(think_neutral=True, think_grad="probs", think_max_move=0.05),
+           dict(mixture_stopgrad=True), dict(step_embed=True), dict(step_adaln=True)]
 
 
 @pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: ",".join(kw) or "default")
@@ -76,8 +78,6 @@ def test_thinker_gives_what_think_gives(kw, accept):
     """Every step's candidate and energy, and the final energy, as `think` computes them on
     the last position (same noise draws)."""
     m = tiny(double=True, **kw)
-    if m.alpha.dim():
-        m.alpha.copy_(torch.tensor([0.5, 2.0]))
     ctx = m.context(prompt())
     z0 = ctx.s1_logits[:, -1:]  # (B, 1, V)
     ref = think(m, ctx, z0, 3, noise=0.3, accept_lower_energy=accept, final_energy=True,
@@ -88,6 +88,7 @@ def test_thinker_gives_what_think_gives(kw, accept):
     torch.testing.assert_close(got.logits, ref.logits, rtol=0, atol=1e-10)
     torch.testing.assert_close(got.energies, [e.detach() for e in ref.energies], rtol=0, atol=1e-10)
     torch.testing.assert_close(got.final_energy, ref.final_energy, rtol=0, atol=1e-10)
+    assert torch.equal(got.final.argmax(-1), ref.final.argmax(-1))  # the same greedy tokens
     assert (ref.logits[-1] - z0).abs().max() > 1e-3  # the steps really moved
 
 

@@ -17,7 +17,7 @@ import sample as sample_mod
 import train as train_mod
 from lab import scorecard
 from lab.config import EvalConfig
-from nanoebm.config import SampleConfig
+from sample import SampleConfig
 from nanoebm.losses import ebt_loss
 from nanoebm.model import EBT
 from nanoebm.think import think, without_sharpening

@@ -67,7 +67,7 @@ def test_results_suite_writes_every_run_and_curve_point_on_fixed_windows(tmp_pat
     from nanoebm.data import load_data
     from nanoebm.losses import ce
     from tests.conftest import compose
-    from tests.test_evaluate import direct_curve
+    from tests.test_thinking_curve import direct_curve
 
     r = run_compare(tmp_path, tiny_base("train.max_steps=4"), "[]", "[7]", suite="compare",
                     extra=("eval_steps=[0,1,2,4,8]", "eval_seed=11"))

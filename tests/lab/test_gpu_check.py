@@ -13,6 +13,7 @@ import torch
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # the check's shell script as a subprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_gpu_check_without_cuda_says_so(tmp_path):
     r = subprocess.run(["bash", str(REPO / "lab" / "gpu_check.sh"), str(tmp_path / "out")],

@@ -8,7 +8,7 @@ saw. A checkpoint stores that as a list of *segments* (one per start or resume):
     {"state": generator state (uint8 tensor), "start_step": int, "accum": int,
      "n": world * B starts per draw, "high": len(train) - T - 1, "block": T}
 
-and the checkpoint's own `step` ends the last segment. Replaying the segments reproduces the
+and the checkpoint's own `step` ends the last segment (nanoebm/data.py writes them). Replaying the segments reproduces the
 window starts bit for bit (same generator, same calls), on any machine and for DDP or resumed
 runs alike, without storing one bit per training token.
 """
@@ -16,20 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-
-def new_segment(gen: torch.Generator, step: int, accum: int, n: int, high: int, block: int) -> dict:
-    """The record of the draws that start now, from gen's current state."""
-    return {"state": gen.get_state().clone(), "start_step": int(step), "accum": int(accum),
-            "n": int(n), "high": int(high), "block": int(block)}
-
-
-def continue_record(record: list | None, step: int) -> list | None:
-    """A resumed run's record: the checkpoint's segments up to its step (None: no record, e.g.
-    a checkpoint from before records existed; the resumed run then has no exact record either)."""
-    if record is None:
-        return None
-    return [s for s in record if s["start_step"] < step]
 
 
 def replay_starts(record: list, end_step: int):

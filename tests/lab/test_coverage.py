@@ -1,7 +1,7 @@
 """The sampler's record: replaying a checkpoint's record gives exactly the training windows the
 run drew, for a fresh run and for a resumed one.
 
-    uv run pytest tests/test_coverage.py
+    uv run pytest tests/lab/test_coverage.py
 """
 from pathlib import Path
 
@@ -11,7 +11,7 @@ import torch
 
 import train as train_mod
 from nanoebm.checkpoint import load_checkpoint
-from nanoebm.coverage import replay_starts, target_coverage
+from lab.coverage import replay_starts, target_coverage
 from nanoebm.data import TokenData
 from tests.conftest import SMALL, compose
 
