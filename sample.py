@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from nanoebm import runtime as rt
-from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
+from nanoebm.checkpoint import model_from_checkpoint, open_checkpoint
 from nanoebm.config import check_rules
 from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.generate import encode_prompt, generate
@@ -28,7 +28,7 @@ from nanoebm.tokenizer import resolve_tokenizer
 
 @dataclass
 class SampleConfig:
-    checkpoint: Optional[str] = None     # None = the newest finished run under out_dir
+    checkpoint: Optional[str] = None     # None: the newest finished run under out_dir, else bundled
     out_dir: str = "out_ebt"
     prompt: str = "\n"
     strict_prompt: bool = True           # false: drop characters the char vocabulary lacks
@@ -51,6 +51,7 @@ class SampleConfig:
     kv_cache: bool = True
     compile: bool = False                # torch.compile the think step (first token compiles)
     device: str = "auto"
+    threads: int = 0                     # torch CPU threads; 0 = auto (one for a small model)
     stream: bool = True                  # print tokens as they come (one sample; a batch prints at the end)
     tokenizer: Optional[str] = None      # None = from the checkpoint; char | gpt2 | tiktoken name
     bpe_encoding: Optional[str] = None   # tiktoken encoding for tokenizer=gpt2 (default gpt2)
@@ -87,14 +88,15 @@ class Printer:
 def sample(cfg: SampleConfig) -> list[dict]:
     """Load, encode the prompt, generate num_samples continuations (one batch); print and
     return them."""
-    path = cfg.checkpoint or latest_checkpoint(cfg.out_dir)
-    ckpt = load_checkpoint(path)
+    path, ckpt, line = open_checkpoint(cfg.checkpoint, cfg.out_dir)
+    print(line)
     try:
         device = rt.pick_device(cfg.device)
     except RuntimeError as e:  # e.g. device=cuda on a machine without CUDA
         raise ValueError(str(e)) from None
     model = model_from_checkpoint(ckpt, device, think_neutral=cfg.think_neutral).eval()
     model.requires_grad_(False)  # thinking needs dE/dz only, never weight gradients
+    rt.set_threads(cfg.threads, model.num_params())
     mc = model.cfg
     tok = resolve_tokenizer(ckpt.get("meta"), mc.vocab_size, cfg.tokenizer, cfg.bpe_encoding)
     ids, dropped = encode_prompt(tok, cfg.prompt, cfg.strict_prompt)
@@ -128,7 +130,7 @@ def sample(cfg: SampleConfig) -> list[dict]:
               f"{cfg.sample_top_p or 'off'})" if cfg.sample else "greedy argmax")
     if not cfg.sample and (cfg.topk or cfg.sample_top_p):
         decode += " (topk/sample_top_p act only with sample=true)"
-    print(f"checkpoint {path} (step {ckpt.get('step', '?')}) | device {device} | vocab "
+    print(f"device {device} | threads {torch.get_num_threads()} | vocab "
           f"{mc.vocab_size} | {mode} | {decode} | kv_cache {cfg.kv_cache}"
           f"{' | compiled think step' if cfg.compile and thinking else ''}")
 
@@ -179,6 +181,6 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    apply_cli_shims(verbatim=("prompt",))  # a prompt is free text: commas etc. are literal
+    apply_cli_shims(verbatim=("prompt",), schema=SampleConfig)  # a prompt is free text: commas etc. are literal
     register_configs({"base_sample": SampleConfig})
     main()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import time
 from pathlib import Path
 
 import hydra
@@ -28,7 +29,7 @@ from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.console import Clock, eval_line, fmt_time, train_line, train_row
 from nanoebm.data import continue_record, load_data, new_segment
 from nanoebm.losses import curve_metrics, forward_backward, thinking_curve
-from nanoebm.memory import fit_batch
+from nanoebm.memory import fit_batch, step_bytes
 from nanoebm.model import EBT
 from nanoebm.shaping import EnergyShaping, val_energy_margin
 
@@ -37,8 +38,9 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss: stop before the bad state reaches a checkpoint."""
 
 
-def train(cfg: TrainRunConfig) -> dict:
-    """The whole training run; returns a summary dict (run_dir, steps, last eval metrics)."""
+def train(cfg: TrainRunConfig, cli_keys: frozenset = frozenset()) -> dict:
+    """The whole training run; returns a summary dict (run_dir, steps, last eval metrics).
+    cli_keys: the options the command line set (a resume keeps the checkpoint's other ones)."""
     # ---------------------------------------------------------------------------- setup
     # One process per device. Under torchrun every rank runs this same function on its own
     # rows of each batch; the gradients are averaged by hand after each backward (see below).
@@ -56,11 +58,12 @@ def train(cfg: TrainRunConfig) -> dict:
     data = load_data(cfg.data, rank=rank, world=world)
     resume = load_checkpoint(cfg.load_checkpoint) if cfg.load_checkpoint else None
     if resume is not None:
-        cfg = resume_config(cfg, resume, data.meta)
+        cfg = resume_config(cfg, resume, data.meta, cli_keys)
     B, T, accum = cfg.data.batch_size, cfg.data.block_size, tc.grad_accum_steps
 
     # --------------------------------------------------------------- model and optimizer
     model = EBT(cfg.model.resolved(data.vocab_size, T)).to(device)
+    rt.set_threads(tc.threads, model.num_params())
     torch.manual_seed(tc.seed + rank)  # from here on: per-rank noise, dropout, random K
     random.seed(tc.seed + rank)
     # AdamW with weight decay on matrices only; the step size alpha gets its own learning rate
@@ -77,6 +80,8 @@ def train(cfg: TrainRunConfig) -> dict:
     # losses continue exactly. The sampler's record gets a segment per start or resume:
     # replaying it gives every window the run trained on (lab/coverage.py).
     step = restore_training(resume, model, opt, data_gen, shaping, rank, device) if resume else 0
+    if master and device == "cpu" and model.num_params() > rt.SMALL_MODEL:  # GPU-sized, on a CPU
+        print(cpu_time_note(cfg, model, data, autocast, step))
     cfg = fit_batch(cfg, model, data, device, autocast, verbose=master)  # too big: stop or split
     B, accum = cfg.data.batch_size, cfg.train.grad_accum_steps
     sampler = continue_record(resume.get("sampler"), step) if resume is not None else []
@@ -91,7 +96,7 @@ def train(cfg: TrainRunConfig) -> dict:
     run_dir, log = start_run(cfg, model, data, step, device, dtype, world) if master else (None, None)
 
     # -------------------------------------------------------------------------- the loop
-    clock, start_step, last_eval = Clock(), step, {}
+    clock, start_step, last_eval, pace_from = Clock(), step, {}, None
     try:
         while True:
             # Evaluate every eval_interval steps and at the end. The clock is paused, so
@@ -127,6 +132,8 @@ def train(cfg: TrainRunConfig) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if step == start_step + 3:  # the pace is measured from here: first steps warm up
+                pace_from = (clock.elapsed(), step)
 
             # Log and checkpoint. loss.item() waits for the device: the loop's only host sync,
             # so it happens only here, and a non-finite loss stops before anything is saved.
@@ -139,7 +146,8 @@ def train(cfg: TrainRunConfig) -> dict:
                 row = train_row(step, loss.item(), m, lr, model.alpha.item(),
                                 data.bits_name, tok_s, step * n_tok, clock.elapsed())
                 log.write(row)
-                eta = clock.total() / (step - start_step) * (tc.max_steps - step)
+                eta = None if pace_from is None or step == pace_from[1] else (
+                    (clock.elapsed() - pace_from[0]) / (step - pace_from[1]) * (tc.max_steps - step))
                 print(train_line(row, tc.max_steps, data.bits_name, eta))
             if save_now:
                 save(run_dir, f"ckpt_step_{step:06d}.pt", step, model, opt, cfg, data.meta,
@@ -175,6 +183,20 @@ def estimate_loss(model: EBT, val_batches: list, seed: int, bits: str, autocast,
     return m
 
 
+def cpu_time_note(cfg: TrainRunConfig, model: EBT, data, autocast, step: int) -> str:
+    """How long this run would take here, from one measured training step on one window (the
+    memory check's own measuring step: it leaves no trace), and the CPU preset's command."""
+    B, T, tc = cfg.data.batch_size, cfg.data.block_size, cfg.train
+    x, y = data.get_batch("train", 1, T, torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    step_bytes(model, x, y, autocast)
+    total = (time.perf_counter() - t0) * B * tc.grad_accum_steps * (tc.max_steps - step)
+    return (f"note: this model ({model.num_params() / 1e6:.1f}M parameters, batch {B} x {T}) is "
+            f"sized for a GPU: {tc.max_steps - step} steps would take about {fmt_time(total)} on this "
+            "CPU (one window timed); the CPU preset trains in about 16 min on one thread: "
+            "uv run python train.py experiment=cpu")
+
+
 def start_run(cfg: TrainRunConfig, model: EBT, data, step: int, device, dtype, world: int):
     """Rank 0: the run folder (config.yaml, metrics.jsonl, W&B) and the opening console line.
     A resumed run's metrics.jsonl starts with the old run's history up to the resume point."""
@@ -188,7 +210,7 @@ def start_run(cfg: TrainRunConfig, model: EBT, data, step: int, device, dtype, w
     log = rt.MetricsLog(run_dir / "metrics.jsonl",
                         rt.init_wandb(cfg.wandb_project, cfg.wandb_name, cfg_dict, run_dir))
     mc = model.cfg
-    print(f"device {device} | dtype {dtype} | world {world} | params {model.num_params() / 1e6:.2f}M"
+    print(f"device {device} | dtype {dtype} | threads {torch.get_num_threads()} | world {world} | params {model.num_params() / 1e6:.2f}M"
           f" | vocab {data.vocab_size} | think_steps {mc.think_steps} ({mc.think_init} start, "
           f"{mc.think_grad} grad) | run {run_dir}")
     return run_dir, log
@@ -216,7 +238,9 @@ def main(cfg) -> None:
     # Hydra composed configs/train.yaml, the presets and the command line; to_object turns that
     # into the dataclasses of nanoebm/config.py, which check every value as they are built.
     try:
-        train(OmegaConf.to_object(cfg))
+        from hydra.core.hydra_config import HydraConfig
+        given = frozenset(o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
+        train(OmegaConf.to_object(cfg), given)
     except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
         raise SystemExit(f"error: {e}") from None
     finally:
@@ -226,6 +250,6 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     # --key=value and legacy option names are rewritten before Hydra reads sys.argv
-    apply_cli_shims()
+    apply_cli_shims(schema=TrainRunConfig)
     register_configs()
     main()

@@ -33,12 +33,12 @@ from omegaconf import OmegaConf
 
 from nanoebm import landscape as L
 from nanoebm import plots as P
-from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
+from nanoebm.checkpoint import model_from_checkpoint, open_checkpoint
 from nanoebm.config import DataConfig, check_rules, choice_rules
 from nanoebm.cli import apply_cli_shims, register_configs
 from nanoebm.data import load_data
 from nanoebm.losses import thinking_curve
-from nanoebm.runtime import pick_device
+from nanoebm.runtime import pick_device, set_threads
 from nanoebm.tokenizer import tokenizer_from_meta
 
 FULL_SCAN_VOCAB = 4096  # topk: above this vocabulary, rank the 1024 most probable tokens only
@@ -47,7 +47,7 @@ FULL_SCAN_VOCAB = 4096  # topk: above this vocabulary, rank the 1024 most probab
 @dataclass
 class VizConfig:
     """viz.py: pictures computed from a checkpoint's real energies (see viz.py for the modes)."""
-    checkpoint: Optional[str] = None  # None: the newest out_ebt/run_*/final.pt
+    checkpoint: Optional[str] = None  # None: the newest out_ebt/run_*/final.pt, else bundled
     mode: str = "topk"           # one of VIZ_MODES (viz.py's docstring says what each draws)
     prompt: str = "ROMEO:"
     steps: int = 8               # think steps to trace (K)
@@ -69,6 +69,7 @@ class VizConfig:
     seed: int = 1337
     dpi: int = 100
     device: str = "auto"         # auto (cuda > mps > cpu) | cuda | mps | cpu
+    threads: int = 0             # torch CPU threads; 0 = auto (one for a small model)
 
     def __post_init__(self):
         min_steps = 0 if self.mode in ("topk", "eval") else 1
@@ -93,10 +94,11 @@ class Viz:
     def __init__(self, cfg: VizConfig):
         self.cfg = cfg
         self.device = pick_device(cfg.device)
-        path = cfg.checkpoint or latest_checkpoint("out_ebt")
-        self.ckpt = load_checkpoint(path)
+        path, self.ckpt, line = open_checkpoint(cfg.checkpoint, "out_ebt")
+        print(line)
         self.ckpt_path = str(path)
         self.model = model_from_checkpoint(self.ckpt, self.device).eval()
+        set_threads(cfg.threads, self.model.num_params())
         if not self.model.has_energy and not (cfg.mode == "eval" and cfg.steps == 0):
             raise ValueError(f"{path} is a plain transformer (model.think_steps=0): it has no "
                              "energy landscape to draw (mode=eval steps=0 scores it)")
@@ -295,7 +297,8 @@ def mode_per_token(v: Viz) -> dict:
     ids, chosen = v.prompt_ids(), []
     for t in range(cfg.tokens):
         ctx = v.context(ids)
-        nxt, _ = L.greedy_think_token(v.model, ctx, cfg.steps, generator=v.gen)
+        traj = L.prompt_trajectory(v.model, ctx, cfg.steps, generator=v.gen)
+        nxt = int(traj.z[-1, 0].argmax())  # greedy: the argmax of the last step's candidate
         tail = v.tok.decode(ids[-24:]).replace("\n", "\\n").replace("$", r"\$")
         title = f"token {t + 1}: ...{tail!r} → {v.label(nxt)!r}"
         bowl_outputs(v, ctx, f"per_token/token_{t + 1:02d}", title, cfg.per_token_anim)
@@ -339,6 +342,6 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    apply_cli_shims()
+    apply_cli_shims(schema=VizConfig)
     register_configs({"base_viz": VizConfig})
     main()

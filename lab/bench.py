@@ -248,6 +248,6 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    apply_cli_shims()
+    apply_cli_shims(schema=BenchConfig)
     register_configs({"base_bench": BenchConfig})
     main()

@@ -311,6 +311,6 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    apply_cli_shims()
+    apply_cli_shims(schema=CompareConfig)
     register_configs({"base_compare": CompareConfig})
     main()

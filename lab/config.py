@@ -12,9 +12,9 @@ from nanoebm.config import DataConfig, ModelConfig, check_rules
 @dataclass
 class EvalConfig:
     """evaluate.py: a checkpoint's thinking curve on any text and under graded shift."""
-    checkpoint: Optional[str] = None     # None = the newest finished run under train_out_dir
+    checkpoint: Optional[str] = None     # None: the newest finished run under train_out_dir, else bundled
     train_out_dir: str = "out_ebt"       # where train.py wrote its runs
-    out_dir: Optional[str] = None        # eval.{json,md,png}; None = <checkpoint folder>/eval
+    out_dir: Optional[str] = None        # eval.{json,md,png}; None = <checkpoint folder>/eval (bundled: out_ebt/eval_bundled)
     sets: List[str] = field(default_factory=lambda: [
         "val", "train_seen", "train_unseen", "corrupt_02", "corrupt_05", "corrupt_10",
         "corrupt_20", "lower"])         # built-in sets of the training text (lab/shift.py)
@@ -22,7 +22,7 @@ class EvalConfig:
     drop_unknown: bool = False           # char: drop characters outside the vocabulary
     data_path: Optional[str] = None      # None = the run's own data.data_path
     bpe_encoding: Optional[str] = None   # BPE: where the rank file is now (content must match)
-    baseline: Optional[str] = None       # a plain-transformer checkpoint: the shift axis r
+    baseline: Optional[str] = None       # a plain-transformer checkpoint: the shift axis r (bundled EBT: bundled_baseline)
     steps: int = 8                       # think steps scored: k = 0..steps (at least K)
     windows: int = 512                   # fixed windows per set (evenly spaced)
     batch_size: int = 32
@@ -36,6 +36,7 @@ class EvalConfig:
     rerank_topk: int = 64                # verifier rerank over S1's top-k (BPE vocabularies)
     task_lines: int = 100                # addition tasks: answers decoded per split (exact match)
     device: str = "auto"
+    threads: int = 0                     # torch CPU threads; 0 = auto (one for a small model)
 
     def __post_init__(self):
         check_rules([(self.steps >= 0, "steps must be >= 0"),

@@ -30,7 +30,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     res = score_checkpoint(cfg)
     diag = res.pop("diagnose")
     path = Path(res["checkpoint"])
-    out = Path(cfg.out_dir) if cfg.out_dir else path.parent / "eval"
+    default = Path(cfg.train_out_dir) / "eval_bundled" if path.parent.name == "checkpoints" \
+        else path.parent / "eval"  # the bundled models' folder stays as shipped
+    out = Path(cfg.out_dir) if cfg.out_dir else default
     out.mkdir(parents=True, exist_ok=True)
     md = table(res) + (f"\n\n{taskeval.table(res)}" if "task" in res else "")
     if "probes" in res:
@@ -57,6 +59,6 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    apply_cli_shims()
+    apply_cli_shims(schema=EvalConfig)
     register_configs({"base_eval": EvalConfig})
     main()

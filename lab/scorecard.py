@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import torch
 
 from nanoebm import runtime as rt
 from lab import taskeval, tasks
-from nanoebm.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
+from nanoebm.checkpoint import BUNDLED, model_from_checkpoint, open_checkpoint
 from nanoebm.config import DataConfig
 from lab.config import EvalConfig
 from lab.diagnose import spearman
@@ -26,11 +27,13 @@ from nanoebm.tokenizer import resolve_tokenizer
 from lab.shift import builtin_sets, check_set_names, text_set
 
 
-def load_model(path, device, bpe_encoding=None, **overrides):
-    """(checkpoint dict, model in eval mode, its tokenizer); overrides: thinking options."""
-    ck = load_checkpoint(path)
+def load_model(name, out_dir, device, bpe_encoding=None, **overrides):
+    """(path, checkpoint dict, model in eval mode, its tokenizer, the line saying which) for
+    checkpoint=NAME (nanoebm.checkpoint.open_checkpoint); overrides: thinking options."""
+    path, ck, line = open_checkpoint(name, out_dir)
     model = model_from_checkpoint(ck, device, **overrides).eval()
-    return ck, model, resolve_tokenizer(ck.get("meta"), model.cfg.vocab_size, None, bpe_encoding)
+    tok = resolve_tokenizer(ck.get("meta"), model.cfg.vocab_size, None, bpe_encoding)
+    return path, ck, model, tok, line
 
 
 def run_data(ck: dict, cfg: EvalConfig):
@@ -51,7 +54,7 @@ def run_data(ck: dict, cfg: EvalConfig):
 
 def load_baseline(cfg: EvalConfig, ck: dict, device):
     """The plain-transformer checkpoint that defines the shift axis, checked against the EBT."""
-    bck, bmodel, _ = load_model(cfg.baseline, device, cfg.bpe_encoding)
+    _, bck, bmodel, _, _ = load_model(cfg.baseline, cfg.train_out_dir, device, cfg.bpe_encoding)
     if bck.get("meta") != ck.get("meta"):
         raise ValueError(f"baseline {cfg.baseline} has a different tokenizer than the checkpoint: "
                          "use a baseline trained on the same vocabulary")
@@ -158,8 +161,12 @@ def score_checkpoint(cfg: EvalConfig) -> dict:
     """Score every set of cfg on the checkpoint: the contents of eval.json (+ "diagnose")."""
     check_set_names(cfg.sets)
     device = rt.pick_device(cfg.device)
-    path = Path(cfg.checkpoint or latest_checkpoint(cfg.train_out_dir))
-    ck, model, tok = load_model(path, device, cfg.bpe_encoding, think_neutral=cfg.think_neutral)
+    path, ck, model, tok, line = load_model(cfg.checkpoint, cfg.train_out_dir, device,
+                                            cfg.bpe_encoding, think_neutral=cfg.think_neutral)
+    print(line)
+    rt.set_threads(cfg.threads, model.num_params())
+    if cfg.baseline is None and path == BUNDLED["bundled"]:  # the bundled pair
+        cfg = dataclasses.replace(cfg, baseline="bundled_baseline")
     T, K = model.cfg.block_size, model.cfg.eval_think_steps
     steps = max(cfg.steps, K) if K > 0 else 0  # a plain transformer has no energy to descend
     sets, notes = builtin_sets(cfg.sets, run_data(ck, cfg), ck, tok, T, cfg.windows, cfg.seed) \
@@ -181,8 +188,10 @@ def score_checkpoint(cfg: EvalConfig) -> dict:
     if model.cfg.think_neutral and K > 0:
         notes.append("sharpening-neutral think steps (think_neutral): no move along z − mean(z)")
     kw = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device)
-    rows, raw = {}, {}
-    for es in sets:
+    rows, raw, t0 = {}, {}, time.time()
+    print(f"scoring {len(sets)} sets x {cfg.windows} windows, think steps 0..{steps}"
+          + (f", best-of-{cfg.bon}" if cfg.bon > 1 and K > 0 else ""))
+    for i, es in enumerate(sets, 1):
         r = score_windows(model, es.x, es.y, steps, trained_k=K, bon=cfg.bon, think_noise=cfg.think_noise, **kw)
         if bmodel is not None:
             b = score_windows(bmodel, es.x, es.y, 0, trained_k=0, **kw)
@@ -190,7 +199,9 @@ def score_checkpoint(cfg: EvalConfig) -> dict:
         else:
             ref = r["ce_s1"] if "ce_s1" in r else r["ce_k"][..., 0]
         rows[es.name], raw[es.name] = summarise(es, r, ref, K, cfg, math.log(2)), r
-        print(f"scored {es.name}: {rows[es.name]['n_positions']} positions")
+        per_set = (time.time() - t0) / i  # the ETA assumes the other sets cost the same
+        print(f"scored {es.name} ({i}/{len(sets)}): {rows[es.name]['n_positions']} positions, "
+              f"{time.time() - t0:.0f} s so far, about {per_set * (len(sets) - i):.0f} s left", flush=True)
     res = {"checkpoint": str(path), "baseline": cfg.baseline, "trained_k": K, "steps": steps,
            "think_neutral": model.cfg.think_neutral,
            "bits_name": "bpb" if tok.meta["tokenizer"] == "char" else "bpt", "sets": rows,

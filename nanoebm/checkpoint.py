@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -122,28 +123,6 @@ def fit_state_dict(sd: dict, model: EBT) -> dict:
     return {k: v for k, v in sd.items() if k in keep}
 
 
-def fit_optimizer_state(opt_sd: dict, model_sd: dict, model: EBT) -> dict:
-    """The optimizer state to go with fit_state_dict. AdamW numbers parameters in the order of
-    EBT.optim_groups (matrices, then vectors, then alpha), so the saved weights name each one."""
-    model_sd = clean_state_dict(model_sd)
-    if model.has_energy or set(model_sd) <= set(model.state_dict()):
-        return opt_sd
-    keep = dict(model.named_parameters())
-    names = [k for k in model_sd if k != "alpha"]
-    order = [k for k in names if model_sd[k].dim() >= 2] + [k for k in names if model_sd[k].dim() < 2]
-    order.append("alpha")
-    state, groups, n = {}, [], 0
-    for g in opt_sd["param_groups"]:
-        kept = [i for i in g["params"] if order[i] in keep]
-        if not kept:  # alpha's group: the baseline has no alpha to train
-            continue
-        ids = list(range(n, n + len(kept)))
-        state.update({j: opt_sd["state"][i] for j, i in zip(ids, kept) if i in opt_sd["state"]})
-        groups.append({**g, "params": ids})
-        n += len(kept)
-    return {"state": state, "param_groups": groups}
-
-
 def model_from_checkpoint(ckpt: dict, device="cpu", **overrides) -> EBT:
     """The checkpoint's model. overrides: thinking options (e.g. think_neutral) to use instead of
     the checkpoint's; None keeps its setting."""
@@ -154,10 +133,15 @@ def model_from_checkpoint(ckpt: dict, device="cpu", **overrides) -> EBT:
 
 
 # ------------------------------------------------------------------------ resuming training
-def resume_config(cfg: TrainRunConfig, ckpt: dict, data_meta: dict) -> TrainRunConfig:
-    """The run's config with the checkpoint's architecture (not the command line's), once the
-    data is known to have the checkpoint's vocabulary."""
-    cfg = dataclasses.replace(cfg, model=model_config_from_dict(ckpt["model_config"]))
+def resume_config(cfg: TrainRunConfig, ckpt: dict, data_meta: dict,
+                  cli_keys: frozenset = frozenset()) -> TrainRunConfig:
+    """The run's config with the checkpoint's architecture (not the command line's) and its
+    window shape (unless cli_keys, the options given on the command line, name data.block_size or
+    data.batch_size), once the data is known to have the checkpoint's vocabulary."""
+    saved = (ckpt.get("config") or {}).get("data", {})
+    shape = {k: saved[k] for k in ("block_size", "batch_size") if k in saved and f"data.{k}" not in cli_keys}
+    cfg = dataclasses.replace(cfg, model=model_config_from_dict(ckpt["model_config"]),
+                              data=dataclasses.replace(cfg.data, **shape))
     vocab_id = lambda m: (m.get("tokenizer"), m.get("sha256") or m.get("chars"))  # noqa: E731
     if vocab_id(ckpt["meta"]) != vocab_id(data_meta):  # same vocabulary, however named
         raise ValueError(f"{cfg.load_checkpoint} was trained on a different vocabulary than "
@@ -168,8 +152,11 @@ def resume_config(cfg: TrainRunConfig, ckpt: dict, data_meta: dict) -> TrainRunC
 def restore_training(ckpt: dict, model: EBT, opt, data_gen, shaping, rank: int, device) -> int:
     """Load weights, AdamW moments, this rank's random streams and energy-shaping state (a
     checkpoint saved by more ranks than now: the last one's). Returns the step to go on from."""
-    model.load_state_dict(fit_state_dict(ckpt["model"], model))
-    opt.load_state_dict(fit_optimizer_state(ckpt["optimizer"], ckpt["model"], model))
+    if set(clean_state_dict(ckpt["model"])) != set(model.state_dict()):
+        raise ValueError("this baseline keeps the unused candidate stream that baselines had "
+                         f"before commit 14be9ae: resume it there (it loads here for sampling)")
+    model.load_state_dict(clean_state_dict(ckpt["model"]))
+    opt.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)], data_gen)
     if "shaping" in ckpt:
         shaping.load_state_dict(ckpt["shaping"][min(rank, len(ckpt["shaping"]) - 1)], device)
@@ -192,3 +179,25 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
         raise FileNotFoundError(f"no finished run under {out_dir}/ (train with `python train.py`"
                                 " or pass checkpoint=PATH)")
     return max(finals, key=lambda p: p.stat().st_mtime)
+
+
+# The trained models shipped in checkpoints/ (half-precision weights; lab/bundle.py writes them)
+BUNDLED = {name: Path(__file__).resolve().parent.parent / "checkpoints" / f"shakespeare_char_{kind}.pt"
+           for name, kind in (("bundled", "ebt"), ("bundled_baseline", "baseline"))}
+
+
+def open_checkpoint(name: str | None, out_dir: str | Path) -> tuple[Path, dict, str]:
+    """(path, checkpoint, the line a script prints first) for checkpoint=NAME: a path, bundled
+    or bundled_baseline, or None: the newest finished run under out_dir, else the bundled EBT."""
+    runs = list(Path(out_dir).expanduser().glob("run_*/final.pt"))
+    name = "bundled" if name is None and not runs and BUNDLED["bundled"].exists() else name
+    path = BUNDLED.get(name) or (Path(name).expanduser() if name else latest_checkpoint(out_dir))
+    ck = load_checkpoint(path)
+    if name in BUNDLED:
+        what = "EBT" if name == "bundled" else "plain-transformer baseline"
+        return path, ck, (f"using the bundled {ck['step']}-step {what} (checkpoints/{path.name}): "
+                          "train your own with `uv run python train.py experiment=cpu`")
+    of = (ck.get("config") or {}).get("train", {}).get("max_steps", "?")
+    why = f", the newest finished run under {out_dir}/" if name is None else ""
+    return path, ck, (f"using {path} (step {ck['step']} of {of}, written "
+                      f"{(time.time() - path.stat().st_mtime) / 3600:.1f} h ago{why})")

@@ -4,9 +4,11 @@ Hydra's ConfigStore. Only entry scripts and tests import this module (it imports
 """
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
 
 from nanoebm.config import TrainRunConfig
 
@@ -81,11 +83,41 @@ def check_presets(argv: list[str], config_dir: Path) -> None:
                              f"choose one of {names}")
 
 
-def apply_cli_shims(verbatim: tuple[str, ...] = ()) -> None:
-    """Rewrite sys.argv in place before @hydra.main parses it, printing one note per alias,
-    and check preset names against the configs/ folder next to the script."""
+def option_names(schema: type, prefix: str = "") -> dict[str, bool]:
+    """Dotted field names of a (nested) dataclass schema -> whether a dict/list takes sub-keys."""
+    out = {}
+    for n, t in get_type_hints(schema).items():
+        if hasattr(t, "__dataclass_fields__"):
+            out |= option_names(t, f"{prefix}{n}.")
+        out[prefix + n] = any((get_origin(a) or a) in (dict, list, Any) for a in (t, *get_args(t)))
+    return out
+
+
+def check_keys(argv: list[str], schema: type, config_dir: Path) -> None:
+    """Every override (key=, +key=, ++key=, ~key) names a field of `schema`, a config group or
+    hydra.*: Hydra would add +model.think_step=3 as a key nothing reads, silently."""
+    fields = option_names(schema)
+    names = set(fields) | {p.parent.name for p in config_dir.glob("*/*.yaml")}  # model=small
+    free = tuple(f"{n}." for n, any_key in fields.items() if any_key) + ("hydra.", "hydra/")
+    keys = [a.partition("=")[0].lstrip("+~").split("@")[0] for a in argv
+            if "=" in a and not a.startswith("-") or a.startswith("~")]  # --flags are Hydra's
+    for key in (k for k in keys if k not in names and not k.startswith(free)):
+        prefix, _, last = key.rpartition(".")  # a near miss within the same prefix comes first
+        siblings = {n.rpartition(".")[2]: n for n in names if n.rpartition(".")[0] == prefix}
+        near = [siblings[m] for m in difflib.get_close_matches(last, siblings, 1, 0.6)] \
+            or difflib.get_close_matches(key, sorted(names), 1, 0.6)
+        raise SystemExit(f"error: {key} is not an option; " + (f"did you mean {near[0]}?" if near
+                         else f"the options are the fields of {schema.__name__} (see --cfg job)"))
+
+
+def apply_cli_shims(verbatim: tuple[str, ...] = (), schema: type | None = None) -> None:
+    """Rewrite sys.argv in place before @hydra.main parses it, printing one note per alias, and
+    check preset names (configs/ next to the script) and, given a schema, every override's key."""
     sys.argv[1:], notes = rewrite_argv(sys.argv[1:], verbatim)
-    check_presets(sys.argv[1:], Path(sys.argv[0]).resolve().parent / "configs")
+    configs = Path(sys.argv[0]).resolve().parent / "configs"
+    check_presets(sys.argv[1:], configs)
+    if schema is not None:  # after the rewriting: legacy names pass; free text is not a key
+        check_keys([a for a in sys.argv[1:] if a.split("=")[0] not in verbatim], schema, configs)
     for n in notes:
         print(n)
 

@@ -56,7 +56,7 @@ def train_row(step: int, loss: float, metrics: dict, lr: float, alpha: float, bi
             "tokens": tokens, **{k: v.item() for k, v in metrics.items() if k != "ce_think"}}
 
 
-def train_line(row: dict, max_steps: int, bits: str, eta_s: float) -> str:
+def train_line(row: dict, max_steps: int, bits: str, eta_s: float | None) -> str:
     """The console line for a train_row: thinking and shaping fields only where they exist."""
     extra = ""
     if "energy_before" in row:  # thinking: alpha, energy before->after, CE after each step
@@ -74,7 +74,7 @@ def train_line(row: dict, max_steps: int, bits: str, eta_s: float) -> str:
             extra += f" fill {row['buffer_fill']:.2f} restarts {row['restarts']:.0f}"
     return (f"step {row['step']:6d}/{max_steps} | loss {row['loss']:.4f} | ppl {row['ppl']:.2f} | "
             f"{bits} {row[bits]:.3f} | lr {row['lr']:.2e}{extra} | "
-            f"{row['tokens_per_s'] / 1e3:.1f}k tok/s | eta {fmt_time(eta_s)}")
+            f"{row['tokens_per_s'] / 1e3:.1f}k tok/s | eta {'?' if eta_s is None else fmt_time(eta_s)}")
 
 
 def eval_line(step: int, m: dict, bits: str) -> str:

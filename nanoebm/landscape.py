@@ -188,11 +188,3 @@ def margins(model: EBT, x: torch.Tensor, y: torch.Tensor, steps: int, max_tokens
             "rank": rank.flatten().cpu(), "n_compared": len(others),
             "frac_true_lowest": (rank == 0).float().mean().item(),
             "frac_true_below_final": (e_true < g["final_energy"]).float().mean().item()}
-
-
-@torch.no_grad()
-def greedy_think_token(model: EBT, ctx: Context, steps: int,
-                       generator: torch.Generator | None = None) -> tuple[int, Trajectory]:
-    """One greedy thinking step of generation: think on the last position, take argmax z_K."""
-    traj = prompt_trajectory(model, ctx, steps, generator=generator)
-    return int(traj.z[-1, 0].argmax()), traj

@@ -136,12 +136,7 @@ def fit_batch(cfg, model, data, device: str, autocast, verbose: bool = True):
     """Before the first step: estimate its peak memory and compare it with the free memory. A
     batch that does not fit is a ValueError naming both and a split into accumulated
     micro-batches (same global batch) that fits; with train.auto_accum, cfg with that split."""
-    from nanoebm.config import ModelConfig  # the schema's own defaults: the GPU-sized model
-    mc, tc, B, T = model.cfg, cfg.train, cfg.data.batch_size, cfg.data.block_size
-    if verbose and device == "cpu" and (mc.n_layer, mc.n_head, mc.n_embd) == \
-            (ModelConfig.n_layer, ModelConfig.n_head, ModelConfig.n_embd):
-        print(f"note: the default model ({mc.n_layer} layers x {mc.n_embd} dims, batch {B} x {T}) "
-              "is sized for a GPU; on a CPU start with experiment=cpu")
+    tc, B, T = cfg.train, cfg.data.batch_size, cfg.data.block_size
     free = free_bytes(device)
     if tc.max_steps == 0 or free is None:
         return cfg

@@ -38,6 +38,17 @@ def autocast_for(device: str, dtype: str = "auto"):
     return torch.autocast(device_type=dev_type, dtype=getattr(torch, dtype)), dtype
 
 
+SMALL_MODEL = 5e6  # parameters: below, a CPU runs the model on one thread (set_threads)
+
+
+def set_threads(n: int, n_params: int) -> int:
+    """torch's CPU threads: n, or (0 = auto) one for a small model, whose ops are too short to
+    split (the CPU preset runs as fast on one thread as on two, docs/speed.md, and many threads
+    on a machine shared with other work run many times slower), torch's default otherwise."""
+    torch.set_num_threads(n or (1 if n_params < SMALL_MODEL else torch.get_num_threads()))
+    return torch.get_num_threads()
+
+
 # ----------------------------------------------------------------------------------- DDP
 def ddp_setup(device: str):
     """Under torchrun (RANK set): init the process group (nccl on CUDA, gloo otherwise).
@@ -136,7 +147,8 @@ def init_wandb(project, name, config: dict, run_dir: Path):
         import wandb
         mode = os.environ.get("WANDB_MODE")
         if mode is None:
-            has_key = os.environ.get("WANDB_API_KEY") or "api.wandb.ai" in _read(Path.home() / ".netrc")
+            netrc = Path.home() / ".netrc"
+            has_key = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
             mode = "online" if has_key else "offline"
             if mode == "offline":
                 print("wandb: no credentials found, logging offline (wandb sync later)")
@@ -145,13 +157,6 @@ def init_wandb(project, name, config: dict, run_dir: Path):
     except Exception as e:  # noqa: BLE001 - logging must never kill training
         print(f"warning: wandb disabled ({type(e).__name__}: {e})")
         return None
-
-
-def _read(p: Path) -> str:
-    try:
-        return p.read_text()
-    except OSError:
-        return ""
 
 
 def scheduled_lr(step: int, tc) -> float:

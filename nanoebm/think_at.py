@@ -197,13 +197,6 @@ def final_energy_at(model: EBT, pos: Position, z, k: int):
     return energy_at(model, pos, torch.softmax(z / model.cfg.softmax_temperature, -1), k)
 
 
-def step_sizes(model: EBT, steps: int, lr: float | None) -> list:
-    """alpha for steps 0..K-1 as 0-d tensors: the trained alpha (clamped as in training) or lr."""
-    if lr is not None:
-        return [torch.tensor(float(lr), device=model.alpha.device)] * steps
-    return [model.alpha.detach().clamp(min=1e-4)] * steps
-
-
 class PaddedKV:
     """The context keys/values copied into fixed-size buffers (B, H, n_slots, hd), with a bias
     (1, 1, 1, n_slots) of 0 on the filled slots and -inf on the rest: the think step's shapes
@@ -287,7 +280,10 @@ class Thinker:
             if anchor is not None:
                 anchor = anchor.clone(memory_format=torch.contiguous_format)
         out, z, E_kept = ThinkOut(z0=z0), z0, None
-        for k, alpha in enumerate(step_sizes(model, steps, lr)):
+        # alpha as a 0-d tensor: the trained one (clamped as in training) or lr
+        alpha = model.alpha.detach().clamp(min=1e-4) if lr is None else torch.tensor(
+            float(lr), device=model.alpha.device)
+        for k in range(steps):
             eps = None
             if noise > 0:
                 eps = noise * torch.randn(z.shape, device=z.device, generator=generator)

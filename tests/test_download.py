@@ -1,13 +1,18 @@
 """download_data.py against a local HTTP server (127.0.0.1) serving generated parquet shards.
 
 The server supports Range requests and injects faults (slow bodies, dropped connections,
-corrupt bodies, 404s); it stops by itself after a minute even if a test forgets it.
+corrupt bodies, 404s, an error status for every request); it stops by itself after a minute
+even if a test forgets it. The script itself needs only the standard library; pyarrow here
+writes the shards and checks the script's own parquet footer reader.
 """
 from __future__ import annotations
 
 import io
 import os
+import pty
 import random
+import re
+import socket
 import signal
 import string
 import subprocess
@@ -37,10 +42,11 @@ def shard_bytes(seed: int, n_docs: int = 40, doc_chars: int = 2000) -> bytes:
 
 class ShardServer:
     """Serves `files` {name: bytes}. Per-name fault lists are consumed one per request:
-    drop[name] = [byte count to cut the connection at, ...]; delay = seconds per 16 KiB."""
+    drop[name] = [byte count to cut the connection at, ...]; delay = seconds per 16 KiB;
+    status = an HTTP error code answered to every request (None: serve normally)."""
 
     def __init__(self, files: dict, lifetime: float = 60.0):
-        self.files, self.drop, self.delay = dict(files), {}, 0.0
+        self.files, self.drop, self.delay, self.status = dict(files), {}, 0.0, None
         self.log = []                 # (name, range start, time) per GET
         self.active = self.max_active = 0
         lock, srv = threading.Lock(), self
@@ -64,6 +70,9 @@ class ShardServer:
                         srv.active -= 1
 
             def _send(self, name, start):
+                if srv.status is not None:
+                    self.send_error(srv.status)
+                    return
                 if name not in srv.files:
                     self.send_error(404)
                     return
@@ -111,9 +120,9 @@ def server():
     srv.close()
 
 
-def run_dl(args, home, **kw):
+def run_dl(args, home, flags=(), **kw):
     env = {**os.environ, "HOME": str(home)}
-    return subprocess.run([sys.executable, str(REPO / "download_data.py"), *map(str, args)],
+    return subprocess.run([sys.executable, *flags, str(REPO / "download_data.py"), *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=60, **kw)
 
 
@@ -238,3 +247,178 @@ def test_dropped_connection_gives_up_cleanly(server, tmp_path):
 def test_bad_arguments(tmp_path):
     r = run_dl(["-n", 0, "-d", tmp_path], tmp_path)
     assert r.returncode != 0 and "error: -n" in r.stderr
+
+
+# --- the standard library only, honest progress, nothing created by a run that fails ---
+
+NO_SITE = ("-I", "-S")  # isolated, without site-packages: an interpreter with no venv packages
+
+
+def test_no_site_interpreter_really_lacks_the_packages():
+    # Without this the standard-library test below could pass on a script that imports tqdm.
+    for module in ("tqdm", "pyarrow"):
+        r = subprocess.run([sys.executable, *NO_SITE, "-c", f"import {module}"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, module
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_runs_on_the_standard_library_alone(server, tmp_path, method):
+    out = tmp_path / "out"
+    args = ["-n", 3, "-w", 2, "-d", out, "--base-url", server.url, "--start-method", method]
+    r = run_dl(args, tmp_path, flags=NO_SITE)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "3 downloaded" in r.stdout
+    for i in range(3):
+        assert (out / f"shard_{i:05d}.parquet").read_bytes() == server.files[f"shard_{i:05d}.parquet"]
+    r = run_dl(args, tmp_path, flags=NO_SITE)  # the built-in parquet check accepts them
+    assert r.returncode == 0 and "3 already complete" in r.stdout, r.stdout + r.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: connections to it are refused
+
+
+def failure_lines(text: str, name: str) -> list[str]:
+    return [line for line in text.splitlines() if re.search(rf"failed +{name}: \S", line)]
+
+
+@pytest.mark.parametrize("fault", ["404", "503", "corrupt", "refused"])
+def test_total_failure_creates_no_folder(server, tmp_path, fault):
+    url = server.url
+    if fault == "404":
+        server.files = {}
+    elif fault == "503":
+        server.status = 503
+    elif fault == "corrupt":  # a response arrives (so the folder appears) but no shard is good
+        server.files = {name: b"PAR1" + os.urandom(20_000) for name in server.files}
+    else:
+        url = f"http://127.0.0.1:{free_port()}/data"
+    target = tmp_path / "new" / "fineweb"
+    r = run_dl(["-n", 2, "-w", 2, "-d", target, "--base-url", url, "--retries", 1], tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists()  # neither the folder nor its missing parent
+    assert not [line for line in (r.stdout + r.stderr).splitlines() if "100%" in line]
+    assert "0 downloaded" in r.stdout and "2 failed" in r.stdout
+    for i in range(2):
+        assert failure_lines(r.stderr, f"shard_0000{i}.parquet")  # as it happens, with a reason
+        assert failure_lines(r.stdout, f"shard_0000{i}.parquet")  # and in the summary
+
+
+def test_failed_run_keeps_a_folder_that_existed(server, tmp_path):
+    server.files = {}
+    out = tmp_path / "mine"
+    out.mkdir()
+    r = run_dl(["-n", 1, "-d", out, "--base-url", server.url, "--retries", 0], tmp_path)
+    assert r.returncode == 1
+    assert out.is_dir()  # only folders the run itself created are removed
+
+
+def test_partial_failure_is_reported_as_a_failure(server, tmp_path):
+    bad = "shard_00001.parquet"
+    server.files[bad] = b"PAR1" + os.urandom(60_000)
+    out = tmp_path / "out"
+    r = run_dl(["-n", 3, "-w", 2, "-d", out, "--base-url", server.url, "--retries", 0], tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    text = r.stdout + r.stderr
+    assert "100%" not in text
+    assert not [line for line in text.splitlines() if bad in line and re.search(r"\bok\b", line)]
+    assert any("not a readable parquet" in line for line in failure_lines(r.stderr, bad))
+    for good in ("shard_00000.parquet", "shard_00002.parquet"):
+        assert re.search(rf"\] ok +{good}", r.stderr) and (out / good).is_file()
+    assert "2 downloaded" in r.stdout and "1 failed" in r.stdout
+
+
+def run_in_terminal(args, home, timeout=60) -> tuple[int, str]:
+    """Run the script with stdout and stderr on a pseudo-terminal; returns (status, output)."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "HOME": str(home), "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "download_data.py"), *map(str, args)],
+                            stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the script exited and closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return proc.wait(timeout=10), b"".join(chunks).decode()
+
+
+def test_terminal_progress_line_and_a_failed_shard(server, tmp_path):
+    bad = "shard_00001.parquet"
+    server.files[bad] = b"PAR1" + os.urandom(300_000)  # 19 slow pieces: the line redraws
+    server.delay = 0.05
+    status, text = run_in_terminal(["-n", 3, "-w", 3, "-d", tmp_path / "out",
+                                    "--base-url", server.url, "--retries", 0], tmp_path)
+    assert status == 1, text
+    segments = re.split(r"[\r\n]", text)
+    assert any(re.search(r"#1 \d+%", s) for s in segments)  # a live percentage, redrawn in place
+    assert not [s for s in segments if "100%" in s]
+    assert failure_lines(text.replace("\r", "\n"), bad)
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_shard_shows_99_percent_until_it_is_checked(monkeypatch):
+    import download_data as dl
+    monkeypatch.setenv("COLUMNS", "120")
+    assert dl.percent(0, 1000) == "0%" and dl.percent(500, 1000) == "50%"
+    assert dl.percent(1000, 1000) == "99%"  # every byte arrived, but it is not checked yet
+    assert dl.percent(2_500_000, None) == "2.5 MB"  # no Content-Length: no share to show
+    term = FakeTerminal()
+    progress = dl.Progress(2, stream=term)
+    progress.update(1, 1000, 1000, 1000)
+    progress.draw(force=True)
+    progress.result(1, "failed", "downloaded file is not a readable parquet file (x)")
+    progress.update(1, 0, 1000, 1000)  # a late byte report must not bring the shard back
+    progress.draw(force=True)
+    lines = [s.strip() for s in re.split(r"[\r\n]", term.getvalue()) if s.strip()]
+    assert "#1 99%" in lines[0] and not [s for s in lines if "100%" in s]
+    assert lines[1] == "[1/2] failed  shard_00001.parquet: downloaded file is not a readable parquet file (x)"
+    assert lines[-1].startswith("0% 0/2 shards, 1 failed") and "#1" not in lines[-1]
+    progress.result(0, "ok", "0.1 MB")
+    assert "[2/2] ok      shard_00000.parquet (0.1 MB)" in term.getvalue()
+
+
+def test_builtin_parquet_reader_matches_pyarrow(tmp_path):
+    import download_data as dl
+    tables = [pa.table({"text": ["a", "b"]}),
+              pa.table({"id": [1, 2], "text": ["a", None], "ok": [True, False]}),
+              pa.table({"s": pa.array([{"text": "x", "n": 1}]), "l": pa.array([[1, 2]]),
+                        "m": pa.array([[("k", 1)]], type=pa.map_(pa.string(), pa.int64()))}),
+              pa.table({f"c{i}": [float(i)] for i in range(40)})]  # > 15 list items
+    for k, table in enumerate(tables):
+        path = tmp_path / f"t{k}.parquet"
+        pq.write_table(table, path, row_group_size=1)
+        assert dl.parquet_columns(path) == pq.ParquetFile(path).schema_arrow.names
+        has_text = "text" in table.column_names
+        assert (dl.parquet_problem(path) is None) == has_text
+        data = path.read_bytes()
+        for cut in (1, 8, len(data) // 2, len(data) - 4):
+            path.write_bytes(data[:-cut])
+            assert "not a readable parquet" in dl.parquet_problem(path)
+    path.write_bytes(b"PAR1" + bytes(range(256)) * 8 + (100).to_bytes(4, "little") + b"PAR1")
+    assert "not a readable parquet" in dl.parquet_problem(path)  # magic right, footer garbage
+
+
+@pytest.mark.parametrize("args", [["-n", 0], ["-n", -2], ["-w", 0], ["--retries", -1],
+                                  ["-n", "ten"], ["--base-url", "example.com/data"], ["--bogus"],
+                                  ["-d", "FILE/sub"]])
+def test_bad_input_is_one_clear_line(tmp_path, args):
+    (tmp_path / "FILE").write_text("not a folder")
+    args = [str(tmp_path / a) if a == "FILE/sub" else a for a in args]
+    r = run_dl([*args] if "-d" in args else [*args, "-d", tmp_path / "out"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
