@@ -33,6 +33,9 @@ class EvalConfig:
     seed: int = 2024                     # corruption, chain noise, bootstrap
     diagnose: bool = False               # also write diagnose.{json,md} (lab/diagnose.py)
     probes: bool = False                 # + start probes on the first set (lab/startprobe.py)
+    controls: bool = True                # + calibration and dynamic-evaluation controls (lab/controls.py)
+    tt_lr: Optional[float] = None        # dynamic evaluation's SGD step (None: chosen on val)
+    tt_steps: Optional[int] = None       # its SGD steps per batch of windows (None: chosen on val)
     rerank_topk: int = 64                # verifier rerank over S1's top-k (BPE vocabularies)
     task_lines: int = 100                # addition tasks: answers decoded per split (exact match)
     device: str = "auto"
@@ -44,7 +47,12 @@ class EvalConfig:
                 (self.think_noise >= 0, "think_noise must be >= 0"),
                 (self.bootstrap >= 10, "bootstrap must be >= 10 resamples"),
                 (self.rerank_topk >= 1 and self.task_lines >= 0,
-                 "rerank_topk must be >= 1 and task_lines >= 0")])
+                 "rerank_topk must be >= 1 and task_lines >= 0"),
+                (self.tt_lr is None or self.tt_lr > 0, f"tt_lr={self.tt_lr} must be > 0"),
+                (self.tt_steps is None or 0 <= self.tt_steps <= 16,
+                 f"tt_steps={self.tt_steps} must be in 0..16"),
+                ((self.tt_lr is None) == (self.tt_steps is None),
+                 "give tt_lr and tt_steps together (or neither: both are chosen on val)")])
 
 
 @dataclass

@@ -35,12 +35,17 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out_dir) if cfg.out_dir else default
     out.mkdir(parents=True, exist_ok=True)
     md = table(res) + (f"\n\n{taskeval.table(res)}" if "task" in res else "")
+    if "controls" in res:
+        from lab import controls
+        md += f"\n\n{controls.table(res)}"
     if "probes" in res:
         from lab.startprobe import report as probe_report
         md += f"\n\n{probe_report(res['probes'])} on {res['probes']['set']}"
     atomic_write_text(out / "eval.json", json.dumps(res, indent=1))
     atomic_write_text(out / "eval.md", md + "\n")
     plot([("", res)], out / "eval.png")
+    if "controls" in res:
+        controls.plot([("", res)], out / "controls.png")
     if diag is not None:
         from lab.diagnose import report
         atomic_write_text(out / "diagnose.json", json.dumps(diag, indent=1))

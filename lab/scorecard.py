@@ -207,6 +207,9 @@ def score_checkpoint(cfg: EvalConfig) -> dict:
            "bits_name": "bpb" if tok.meta["tokenizer"] == "char" else "bpt", "sets": rows,
            "notes": notes}
     res["shift"] = shift_axis(rows)
+    if cfg.controls and K > 0:  # is the gain more than calibration, or than adapting the weights?
+        from lab.controls import score_controls
+        res["controls"] = score_controls(model, bmodel, sets, rows, K, cfg, device)
     if task is not None:
         res["task"] = task_metrics(task, model, tok, sets, raw, K, cfg, ck, device)
     if cfg.probes:  # where the landscape sends over- and under-sharp starts, and noise
