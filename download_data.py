@@ -41,71 +41,7 @@ def shard_name(i: int) -> str:
     return f"shard_{i:05d}.parquet"
 
 
-class Thrift:
-    """Just enough of the Thrift compact protocol, parquet's footer encoding, to walk a struct:
-    parquet_columns reads the schema's names with it and skips every other field."""
-
-    def __init__(self, buf: bytes):
-        self.buf, self.pos = buf, 0
-
-    def take(self, n: int) -> bytes:
-        self.pos += n
-        if self.pos > len(self.buf):  # every read is checked, so garbage cannot loop for long
-            raise IndexError("read past the end of the footer")
-        return self.buf[self.pos - n:self.pos]
-
-    def varint(self) -> int:
-        out = shift = 0
-        while (b := self.take(1)[0]) & 0x80:  # 7 bits a byte, low ones first
-            out |= (b & 0x7F) << shift
-            shift += 7
-        return out | b << shift
-
-    def zigzag(self) -> int:  # a signed int: 0, -1, 1, -2, ... are stored as 0, 1, 2, 3, ...
-        n = self.varint()
-        return (n >> 1) ^ -(n & 1)
-
-    def binary(self) -> bytes:
-        return self.take(self.varint())
-
-    def fields(self):
-        """Yields (field id, type) for each field of a struct; the caller reads or skips it."""
-        fid = 0
-        while (head := self.take(1)[0]) & 0x0F:  # type 0 is the struct's STOP
-            fid = fid + (head >> 4) if head >> 4 else self.zigzag()  # a delta, or the id in full
-            yield fid, head & 0x0F
-
-    def list_header(self) -> tuple[int, int]:
-        head = self.take(1)[0]
-        return (self.varint() if head >> 4 == 15 else head >> 4), head & 0x0F
-
-    def skip(self, t: int, item: bool = False) -> None:
-        if t in (1, 2) and not item:  # a bool field's value is in its type; list items use a byte
-            return
-        if t in (1, 2, 3, 7):  # bool item, byte, double
-            self.take(8 if t == 7 else 1)
-        elif t in (4, 5, 6):
-            self.varint()
-        elif t == 8:
-            self.binary()
-        elif t in (9, 10):  # list, set
-            n, it = self.list_header()
-            for _ in range(n):
-                self.skip(it, item=True)
-        elif t == 11:  # map
-            n = self.varint()
-            kv = self.take(1)[0] if n else 0
-            for _ in range(n):
-                self.skip(kv >> 4, item=True)
-                self.skip(kv & 0x0F, item=True)
-        elif t == 12:
-            for _, ft in self.fields():
-                self.skip(ft)
-        else:
-            raise ValueError(f"unknown thrift type {t}")
-
-
-def parquet_footer(path: Path) -> bytes:
+def parquet_footer(path: Path) -> None:
     """A parquet file is `PAR1 <data> <footer> <footer length, 4 bytes> PAR1`: a download cut
     short loses the trailing `PAR1`, and a wrong length points outside the file."""
     with open(path, "rb") as f:
@@ -114,49 +50,26 @@ def parquet_footer(path: Path) -> bytes:
         head = f.read(4)
         f.seek(max(size - 8, 0))
         tail = f.read(8)
-        n = int.from_bytes(tail[:4], "little")
-        if size < 12 or head != b"PAR1" or tail[4:] != b"PAR1" or n > size - 12:
-            raise ValueError("no PAR1 footer at the end: cut short or not parquet")
-        f.seek(size - 8 - n)
-        return f.read(n)
-
-
-def parquet_columns(path: Path) -> list[str]:
-    """Top-level column names from the footer's schema (FileMetaData field 2), the names a
-    parquet library would list; ValueError or IndexError when the footer does not parse."""
-    r = Thrift(parquet_footer(path))
-    for fid, t in r.fields():
-        if fid != 2 or t != 9:
-            r.skip(t)
-            continue
-        nodes = []  # schema elements, depth first: (name, number of children)
-        for _ in range(r.list_header()[0]):
-            name, children = None, 0
-            for sfid, st in r.fields():
-                if sfid == 4 and st == 8:
-                    name = r.binary().decode()
-                elif sfid == 5 and st == 5:
-                    children = r.zigzag()
-                else:
-                    r.skip(st)
-            nodes.append((name, children))
-        names, k = [], 1  # nodes[0] is the root; its children are the columns
-        for _ in range(nodes[0][1]):
-            names.append(nodes[k][0])
-            todo = 1  # step over this column's whole subtree (a struct's or list's parts)
-            while todo > 0:
-                todo += nodes[k][1] - 1
-                k += 1
-        return names
-    raise ValueError("the footer has no schema")
+    if size < 12 or head != b"PAR1" or tail[4:] != b"PAR1" or int.from_bytes(tail[:4], "little") > size - 12:
+        raise ValueError("no PAR1 footer at the end: cut short or not parquet")
 
 
 def parquet_problem(path: Path) -> str | None:
-    """None if `path` opens as parquet with a `text` column, else what is wrong with it."""
+    """None if `path` is a complete parquet file with a `text` column, else what is wrong. The
+    footer check needs only the standard library; the schema is read with pyarrow where it is
+    installed (uv run), and otherwise checked by the loader when it first reads the shard."""
     try:
-        names = parquet_columns(path)
-    except (ValueError, IndexError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        parquet_footer(path)
+    except ValueError as e:
         return f"not a readable parquet file ({e})"
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        return None
+    try:
+        names = pq.ParquetFile(path).schema_arrow.names
+    except Exception as e:  # noqa: BLE001 - a damaged footer, not parquet, ...
+        return f"not a readable parquet file ({type(e).__name__})"
     return None if "text" in names else f"no `text` column (has {names})"
 
 

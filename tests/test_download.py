@@ -390,25 +390,22 @@ def test_a_shard_shows_99_percent_until_it_is_checked(monkeypatch):
     assert "[2/2] ok      shard_00000.parquet (0.1 MB)" in term.getvalue()
 
 
-def test_builtin_parquet_reader_matches_pyarrow(tmp_path):
+@pytest.mark.parametrize("with_pyarrow", [True, False])
+def test_shard_check_catches_cut_files_with_or_without_pyarrow(tmp_path, monkeypatch, with_pyarrow):
     import download_data as dl
-    tables = [pa.table({"text": ["a", "b"]}),
-              pa.table({"id": [1, 2], "text": ["a", None], "ok": [True, False]}),
-              pa.table({"s": pa.array([{"text": "x", "n": 1}]), "l": pa.array([[1, 2]]),
-                        "m": pa.array([[("k", 1)]], type=pa.map_(pa.string(), pa.int64()))}),
-              pa.table({f"c{i}": [float(i)] for i in range(40)})]  # > 15 list items
-    for k, table in enumerate(tables):
+    if not with_pyarrow:  # plain python: the footer check alone
+        monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    for k, table in enumerate([pa.table({"text": ["a", "b"]}), pa.table({"id": [1, 2]})]):
         path = tmp_path / f"t{k}.parquet"
         pq.write_table(table, path, row_group_size=1)
-        assert dl.parquet_columns(path) == pq.ParquetFile(path).schema_arrow.names
         has_text = "text" in table.column_names
-        assert (dl.parquet_problem(path) is None) == has_text
+        assert (dl.parquet_problem(path) is None) == (has_text or not with_pyarrow)
         data = path.read_bytes()
         for cut in (1, 8, len(data) // 2, len(data) - 4):
             path.write_bytes(data[:-cut])
             assert "not a readable parquet" in dl.parquet_problem(path)
-    path.write_bytes(b"PAR1" + bytes(range(256)) * 8 + (100).to_bytes(4, "little") + b"PAR1")
-    assert "not a readable parquet" in dl.parquet_problem(path)  # magic right, footer garbage
+    path.write_bytes(b"PAR1" + bytes(range(256)) + (10**6).to_bytes(4, "little") + b"PAR1")
+    assert "not a readable parquet" in dl.parquet_problem(path)  # magic right, length wrong
 
 
 @pytest.mark.parametrize("args", [["-n", 0], ["-n", -2], ["-w", 0], ["--retries", -1],
