@@ -119,6 +119,7 @@ def calibration(d: dict, n_boot: int, seed: int) -> tuple[dict, dict]:
     w = n[:, None].double()
     gain = lambda a, b: list(paired_bootstrap((per[a] - per[b]).double()[:, None] / w.clamp_min(1), w,
                                               n_boot, seed))  # noqa: E731
+    out["gain_neutral_over_plain"] = gain("plain", "neutral")  # decides the inference default
     for c in ("plain", "neutral"):
         out[f"gain_beyond_s1_{c}"] = gain("s1", c)
         out[f"gain_beyond_s1_temperature_{c}"] = gain("s1_temperature", c)

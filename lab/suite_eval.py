@@ -98,6 +98,7 @@ def shift_eval(cc: CompareConfig, records: list[dict], out: Path, name: str,
     that spans machines (run folders not carried over) still tabulates every run; a run with
     neither is left out."""
     from nanoebm.checkpoint import atomic_write_text
+    from lab import controls
     from lab.diagnose import report
     from lab.scorecard import plot, table
     earlier = earlier_results(out / f"{name}.json")
@@ -122,9 +123,13 @@ def shift_eval(cc: CompareConfig, records: list[dict], out: Path, name: str,
         md += [f"## {label}", "", table(res), ""]
         if res.get("diagnose"):
             md += [f"### diagnostics, {label}", "", report(res["diagnose"]), ""]
+        if "controls" in res:
+            md += [f"### controls, {label}", "", controls.table(res), ""]
     atomic_write_text(out / f"{name}.json", json.dumps(
         [{"run": lab, **{k: v for k, v in res.items() if k != "key"}} for lab, res in results], indent=1))
     atomic_write_text(out / f"{name}.md", "\n".join(md) + "\n")
-    plot(results, out / f"{name}.png")
+    with_controls = [(lab, res) for lab, res in results if "controls" in res]
+    # Fig. 7: with the controls, every method against the shift; else thinking alone
+    (controls.plot if with_controls else plot)(with_controls or results, out / f"{name}.png")
     print("\n".join(md))
     print(f"wrote {out / name}.json, .md, .png")
