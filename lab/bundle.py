@@ -94,7 +94,7 @@ def recorded() -> dict:
 def write_row(row: dict) -> None:
     """Insert or replace this file's row of the table in checkpoints/README.md."""
     text = README.read_text() if README.exists() else f"{HEADER}\n|{'---|' * len(COLUMNS)}\n"
-    line = "| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |"
+    line = "| " + " | ".join(str(row.get(c, "–")) for c in COLUMNS) + " |"
     pattern = re.compile(rf"^\| {re.escape(row['file'])} \|.*$", re.M)
     text = pattern.sub(line, text) if pattern.search(text) else text.replace(
         f"|{'---|' * len(COLUMNS)}\n", f"|{'---|' * len(COLUMNS)}\n{line}\n", 1)

@@ -34,15 +34,17 @@ from nanoebm.think import initial_logits, think
 TEMPS = torch.logspace(math.log10(0.2), math.log10(5.0), 235)  # the temperature grid
 
 
-def temp_sums(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def temp_sums(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, chunk: int = 2**24):
     """Per window, the sums over scored positions m (b, T) of CE and of entropy of z / t for
-    every grid temperature t: two (b, G) tensors."""
-    cs, hs = [], []
-    for t in TEMPS.tolist():
-        logp = torch.log_softmax(z.float() / t, -1)  # (b, T, V)
-        cs.append(-(logp.gather(-1, y[..., None])[..., 0] * m).sum(1))
-        hs.append(-((logp.exp() * logp).sum(-1) * m).sum(1))
-    return torch.stack(cs, -1), torch.stack(hs, -1)
+    every grid temperature t: two (b, G) tensors. Temperatures go in groups of at most `chunk`
+    elements, one tensor op each."""
+    z, cs, hs = z.float(), [], []
+    per = max(1, chunk // z.numel())
+    for ts in TEMPS.to(z.device).split(per):
+        logp = torch.log_softmax(z[None] / ts[:, None, None, None], -1)  # (g, b, T, V)
+        cs.append(-(logp.gather(-1, y[None, ..., None].expand(len(ts), *y.shape, 1))[..., 0] * m).sum(-1))
+        hs.append(-((logp.exp() * logp).sum(-1) * m).sum(-1))  # (g, b)
+    return torch.cat(cs).T, torch.cat(hs).T
 
 
 def chain(model: EBT, ctx, x: torch.Tensor, K: int, gen, neutral: bool | None = None):
@@ -164,13 +166,15 @@ def flops_per_token(K: int, tt_steps: int) -> dict:
             "tt_think": 1 + 3 * tt_steps + 3 * K}
 
 
-TT_GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "steps": [1, 2]}
+TT_GRID = {"lr": [1e-2, 3e-2, 1e-1, 3e-1, 1.0], "steps": [1, 2]}
+TT_WINDOWS = 128  # the first val windows that choose the setting
 
 
 def choose_tt(model: EBT, val, K: int, *, batch_size: int, seed: int, device) -> dict:
-    """tt_lr and tt_steps picked on val alone: the lowest S1 CE among the grid settings that
-    cost at most the K think steps' FLOPs (K >= 1; a plain transformer is held to 2 steps' worth)."""
-    budget = flops_per_token(max(K, 2), 0)["think"]
+    """tt_lr and tt_steps picked on val alone (its first TT_WINDOWS windows): the lowest S1 CE
+    among the grid settings that cost at most the K think steps' forward passes per token."""
+    budget = flops_per_token(K, 0)["think"]
+    val = dataclasses.replace(val, x=val.x[:TT_WINDOWS], y=val.y[:TT_WINDOWS], mask=val.mask[:TT_WINDOWS])
     best = None
     for steps in TT_GRID["steps"]:
         if flops_per_token(K, steps)["tt"] > budget:
@@ -247,10 +251,10 @@ def table(res: dict) -> str:
             ci(c["gain_beyond_s1_temperature_neutral"]), ci(c["gain_beyond_s1_entropy_matched_neutral"]),
             ci(c["gain_beyond_tt_s1_neutral"])]) + " |")
     tt, fl = res["controls"]["tt"], res["controls"]["flops_per_token"]
-    lines += ["", f"Dynamic evaluation: EBT lr {tt['ebt']['lr']:g} x {tt['ebt']['steps']} steps"
-              + (f", baseline lr {tt['baseline']['lr']:g} x {tt['baseline']['steps']} steps"
-                 if "baseline" in tt else "") + " (chosen on val). Forward passes per token: "
-              + ", ".join(f"{k} {v}" for k, v in fl.items()) + "."]
+    edge = lambda t: " (the grid's edge)" if t["lr"] in (TT_GRID["lr"][0], TT_GRID["lr"][-1]) else ""  # noqa: E731
+    lines += ["", "Dynamic evaluation (chosen on val): " + ", ".join(
+        f"{who} lr {t['lr']:g}{edge(t)} x {t['steps']} steps" for who, t in tt.items())
+        + ". Forward passes per token: " + ", ".join(f"{k} {v}" for k, v in fl.items()) + "."]
     return "\n".join(lines)
 
 

@@ -43,7 +43,9 @@ def score_evals(jobs: list[dict], workers: int) -> list[dict]:
     for j in jobs:
         c = Path(j["cache"])
         r = json.loads(c.read_text()) if c.exists() else {}
-        res.append(r if cache_key(r.get("key")) == cache_key(j["key"]) else None)
+        fresh = cache_key(r.get("key")) == cache_key(j["key"])
+        # a cache from before the controls existed lacks them, though its key matches
+        res.append(r if fresh and ("controls" in r or not j["eval"].get("controls", True)) else None)
     todo = [i for i, r in enumerate(res) if r is None]
     if todo:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn")) as ex:

@@ -103,7 +103,7 @@ def test_report_has_every_method_for_every_set(tiny, tmp_path):
     md = (tmp_path / "eval.md").read_text()
     for name in ("val", "corrupt_20"):
         assert sum(line.startswith(f"| {name} |") for line in md.splitlines()) == 2  # both tables
-    assert "tt + thinking" in md and "Forward passes per token" in md
+    assert "tt + thinking" in md and "Forward passes per token" in md and "ebt lr " in md
     assert res["controls"]["tt"]["ebt"]["lr"] in C.TT_GRID["lr"]
     assert (tmp_path / "controls.png").stat().st_size > 5000
 
