@@ -41,7 +41,7 @@ class SampleConfig:
     think_noise: float = 0.0             # std of the noise added to z before each think step
     accept_lower_energy: bool = False    # keep a think step only where it lowers the energy
     n_candidates: int = 1                # best-of-N: N chains per token, lowest final energy wins
-    think_neutral: Optional[bool] = None  # sharpening-neutral steps (None = the checkpoint's setting)
+    think_neutral: bool = True           # sharpening-neutral steps (lab/LOG.md); false: plain steps
     # -- decoding
     sample: bool = False                 # false = argmax (greedy, deterministic)
     sample_temp: float = 1.0

@@ -104,7 +104,8 @@ def train(cfg: TrainRunConfig, cli_keys: frozenset = frozenset()) -> dict:
             if step % tc.eval_interval == 0 or step == tc.max_steps:
                 elapsed = clock.elapsed()
                 with clock.paused():
-                    last_eval = estimate_loss(model, val_batches, tc.seed, data.bits_name, autocast, step)
+                    last_eval = estimate_loss(model, val_batches, tc.seed, data.bits_name, autocast, step,
+                                              tc.think_neutral)
                     if master:
                         log.write({"step": step, "elapsed_s": elapsed, **last_eval})
                         print(eval_line(step, last_eval, data.bits_name))
@@ -170,14 +171,21 @@ def train(cfg: TrainRunConfig, cli_keys: frozenset = frozenset()) -> dict:
     return {"run_dir": run_dir, "step": step, **last_eval}
 
 
-def estimate_loss(model: EBT, val_batches: list, seed: int, bits: str, autocast, step: int) -> dict:
+def estimate_loss(model: EBT, val_batches: list, seed: int, bits: str, autocast, step: int,
+                  neutral: bool = True) -> dict:
     """Val metrics on the fixed windows: loss after k = 0..K think steps (the thinking curve),
     the S1 loss and, for a model with an energy, the energy margin."""
-    K = model.cfg.eval_think_steps
-    m = curve_metrics(thinking_curve(model, val_batches, K, seed=seed, autocast=autocast), bits)
-    if model.has_energy:  # is the true token's energy below the prediction's and the negatives'?
-        em = val_energy_margin(model, val_batches, K, seed=seed, autocast=autocast)
-        m.update({f"val_{k}": v for k, v in em.items()})
+    K, trained = model.cfg.eval_think_steps, model.cfg
+    # the curve thinks as sample.py does: sharpening-neutral steps (train.think_neutral=false:
+    # plain ones), whatever model.think_neutral trains with
+    model.cfg = dataclasses.replace(trained, think_neutral=neutral)
+    try:
+        m = curve_metrics(thinking_curve(model, val_batches, K, seed=seed, autocast=autocast), bits)
+        if model.has_energy:  # is the true token's energy below the prediction's and the negatives'?
+            em = val_energy_margin(model, val_batches, K, seed=seed, autocast=autocast)
+            m.update({f"val_{k}": v for k, v in em.items()})
+    finally:
+        model.cfg = trained
     if not math.isfinite(m["val_loss"]):
         raise TrainingDiverged(f"val loss is {m['val_loss']} at step {step}")
     return m
@@ -201,7 +209,7 @@ def cpu_time_note(cfg: TrainRunConfig, model: EBT, data, autocast, step: int) ->
     return (f"note: this model ({model.num_params() / 1e6:.1f}M parameters, batch {B} x {T}) is "
             f"sized for a GPU: {tc.max_steps - step} steps would take about {fmt_time(total)} on "
             "this CPU (one window timed: batches run a little faster per window); the CPU preset "
-            "trains in about 16 min on one thread: uv run python train.py experiment=cpu")
+            "trains in about 13 min on two threads: uv run python train.py experiment=cpu")
 
 
 def start_run(cfg: TrainRunConfig, model: EBT, data, step: int, device, dtype, world: int):

@@ -70,6 +70,7 @@ class VizConfig:
     dpi: int = 100
     device: str = "auto"         # auto (cuda > mps > cpu) | cuda | mps | cpu
     threads: int = 0             # torch CPU threads; 0 = auto (one for a small model)
+    think_neutral: bool = True   # sharpening-neutral steps (lab/LOG.md); false: plain steps
 
     def __post_init__(self):
         min_steps = 0 if self.mode in ("topk", "eval") else 1
@@ -97,7 +98,8 @@ class Viz:
         path, self.ckpt, line = open_checkpoint(cfg.checkpoint, "out_ebt")
         print(line)
         self.ckpt_path = str(path)
-        self.model = model_from_checkpoint(self.ckpt, self.device).eval()
+        self.model = model_from_checkpoint(self.ckpt, self.device,
+                                           think_neutral=cfg.think_neutral).eval()
         set_threads(cfg.threads, self.model.num_params())
         if not self.model.has_energy and not (cfg.mode == "eval" and cfg.steps == 0):
             raise ValueError(f"{path} is a plain transformer (model.think_steps=0): it has no "

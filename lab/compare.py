@@ -280,7 +280,8 @@ def main(cfg) -> None:
     with ProcessPoolExecutor(max_workers=cc.jobs, mp_context=get_context("spawn")) as ex:
         records = list(ex.map(run_one, jobs))
     out.mkdir(parents=True, exist_ok=True)
-    stem, eval_name = f"{cc.suite}{tag}", f"{cc.eval_name or cc.suite + '_eval'}{tag}"
+    eval_name = cc.eval_name or cc.suite + "_eval"
+    stem, eval_name = f"{cc.suite}{tag}", eval_name if tag in eval_name else eval_name + tag
     stem += "_train" if eval_name == stem else ""  # the eval table took the suite's own name
     path = out / f"{stem}.json"
     if path.exists():  # keep earlier runs of this suite (other names/seeds); replace re-runs

@@ -28,7 +28,7 @@ class EvalConfig:
     batch_size: int = 32
     bon: int = 4                         # best-of-N chains at K (<= 1: off)
     think_noise: float = 0.5             # best-of-N: the noise that makes the chains differ
-    think_neutral: Optional[bool] = None  # sharpening-neutral steps (None = the checkpoint's setting)
+    think_neutral: bool = True           # sharpening-neutral steps (lab/LOG.md); false: plain steps
     bootstrap: int = 1000                # resamples of windows for the 95% intervals
     seed: int = 2024                     # corruption, chain noise, bootstrap
     diagnose: bool = False               # also write diagnose.{json,md} (lab/diagnose.py)
@@ -73,7 +73,7 @@ class CompareConfig:
     # of the same seed as the shift axis: results/<eval_name>.{json,md,png}
     eval_sets: List[str] = field(default_factory=list)  # e.g. [val, corrupt_05]; empty = off
     eval_windows: int = 512
-    eval_name: Optional[str] = None  # None = <suite>_eval (+ _<scale> off the cpu scale)
+    eval_name: Optional[str] = None  # None = <suite>_eval; + _<scale> off the cpu scale unless it names it
     diagnose: bool = False       # also the diagnostics of every thinking run
     eval_probes: bool = False    # also evaluate.py's start probes (on the first eval set)
     jobs: int = 1                # runs trained, then scored on eval_sets, in parallel (processes)

@@ -200,14 +200,14 @@ def score_controls(model: EBT, bmodel, sets: list, rows: dict, K: int, cfg, devi
             continue
         if cfg.tt_lr is not None and cfg.tt_steps is not None:
             tt[who] = {"lr": cfg.tt_lr, "steps": cfg.tt_steps}
-        elif val is None:
-            raise ValueError("dynamic evaluation picks tt_lr and tt_steps on val: add val to sets= "
-                             "or give both tt_lr= and tt_steps=")
-        else:
+        elif val is not None:
             tt[who] = choose_tt(m, val, K, **kw)
     for es in sets:
         c, per = calibration(collect(model, es, K, **kw), cfg.bootstrap, cfg.seed)
         n = es.mask.sum(1).double()  # (N,) scored positions per window
+        rows[es.name]["controls"] = c
+        if not tt:  # no val set to choose its settings on, and none given: no dynamic evaluation
+            continue
         d = dynamic_eval(model, es, K, steps=tt["ebt"]["steps"], lr=tt["ebt"]["lr"], **kw)
         c["tt_s1"], c["tt_think"] = (d["s1"].sum() / n.sum()).item(), (d["think"].sum() / n.sum()).item()
         for chain_ in ("plain", "neutral"):  # the static chain's gain beyond adapted weights
@@ -216,11 +216,10 @@ def score_controls(model: EBT, bmodel, sets: list, rows: dict, K: int, cfg, devi
         if bmodel is not None:
             b = dynamic_eval(bmodel, es, 0, steps=tt["baseline"]["steps"], lr=tt["baseline"]["lr"], **kw)
             c["tt_baseline"] = (b["s1"].sum() / n.sum()).item()
-        rows[es.name]["controls"] = c
         print(f"controls {es.name}: S1 {c['s1']:.4f} | at T {c['s1_temperature']:.4f} | entropy-"
               f"matched {c['s1_entropy_matched_plain']:.4f} | think {c['plain']:.4f} / neutral "
               f"{c['neutral']:.4f} | tt_s1 {c['tt_s1']:.4f}", flush=True)
-    return {"tt": tt, "flops_per_token": flops_per_token(K, tt["ebt"]["steps"])}
+    return {"tt": tt, "flops_per_token": flops_per_token(K, tt["ebt"]["steps"] if tt else 0)}
 
 
 # ------------------------------------------------------------------------------ report
@@ -241,7 +240,7 @@ def table(res: dict) -> str:
             "z_K at T (neutral)", "tt baseline", "tt S1", "tt + thinking",
             "neutral beyond T", "neutral beyond entropy-matched", "neutral beyond tt S1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    ci = lambda g: f"{g[0]:+.4f} [{g[1]:+.4f}, {g[2]:+.4f}]"  # noqa: E731
+    ci = lambda g: "–" if g is None else f"{g[0]:+.4f} [{g[1]:+.4f}, {g[2]:+.4f}]"  # noqa: E731
     for name, s in res["sets"].items():
         c = s["controls"]
         lines.append("| " + " | ".join([
@@ -249,11 +248,12 @@ def table(res: dict) -> str:
                 "s1", "plain", "neutral", "s1_temperature", "s1_entropy_matched_neutral",
                 "think_temperature_neutral", "tt_baseline", "tt_s1", "tt_think")] + [
             ci(c["gain_beyond_s1_temperature_neutral"]), ci(c["gain_beyond_s1_entropy_matched_neutral"]),
-            ci(c["gain_beyond_tt_s1_neutral"])]) + " |")
+            ci(c.get("gain_beyond_tt_s1_neutral"))]) + " |")
     tt, fl = res["controls"]["tt"], res["controls"]["flops_per_token"]
     edge = lambda t: " (the grid's edge)" if t["lr"] in (TT_GRID["lr"][0], TT_GRID["lr"][-1]) else ""  # noqa: E731
-    lines += ["", "Dynamic evaluation (chosen on val): " + ", ".join(
-        f"{who} lr {t['lr']:g}{edge(t)} x {t['steps']} steps" for who, t in tt.items())
+    lines += ["", ("Dynamic evaluation (chosen on val): " + ", ".join(
+        f"{who} lr {t['lr']:g}{edge(t)} x {t['steps']} steps" for who, t in tt.items()) if tt else
+        "No dynamic evaluation: no val set to choose tt_lr and tt_steps on (or give both)")
         + ". Forward passes per token: " + ", ".join(f"{k} {v}" for k, v in fl.items()) + "."]
     return "\n".join(lines)
 
@@ -261,21 +261,26 @@ def table(res: dict) -> str:
 def plot(results: list, path) -> None:
     """Fig. 7 with every method: gain over System 1 against ln r, one line per method and
     checkpoint (results: [(label, eval result), ...])."""
-    from lab.scorecard import save_figure
+    from lab.scorecard import graded, save_figure
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, (label, res) in enumerate(results):
-        sets = [s for s in res["sets"].values() if "controls" in s and "ln_r" in s]
-        sets.sort(key=lambda s: s["ln_r"])
+        named = {n: s for n, s in res["sets"].items() if "controls" in s and "ln_r" in s}
+        line = sorted((named[n] for n in graded(named)), key=lambda s: s["ln_r"])  # val, corrupt_*
+        rest = [s for n, s in named.items() if n not in graded(named)]  # other kinds of shift
         for j, (name, gain, style) in enumerate(METHODS):
-            ax.plot([s["ln_r"] for s in sets], [gain(s["controls"]) for s in sets], style, marker="o",
-                    ms=3, color=f"C{j}", alpha=0.9 if i == 0 else 0.5,
-                    label=name if i == 0 else None)
+            if "dynamic" in name and any("tt_s1" not in s["controls"] for s in named.values()):
+                continue  # no dynamic evaluation without a val set
+            kw = dict(color=f"C{j}", alpha=0.9 if i == 0 else 0.5)
+            ax.plot([s["ln_r"] for s in line], [gain(s["controls"]) for s in line], style, marker="o",
+                    ms=3, label=name if i == 0 else None, **kw)
+            ax.plot([s["ln_r"] for s in rest], [gain(s["controls"]) for s in rest], "x", ms=6, **kw)
     ax.axhline(0, color="0.6", lw=0.8)
     ax.set_xlabel("ln r (shift: the baseline's CE on the set minus on val)")
     ax.set_ylabel("gain over System 1 (nats/char)")
     n = f" ({len(results)} checkpoints)" if len(results) > 1 else ""
-    ax.set_title(f"thinking and its controls under shift{n}", fontsize=9)
+    ax.set_title(f"thinking and its controls under shift{n}: lines val + corrupt_*, x other sets",
+                 fontsize=9)
     save_figure(fig, [ax], path)

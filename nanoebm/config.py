@@ -165,6 +165,7 @@ class TrainConfig:
     device: str = "auto"         # auto (cuda > mps > cpu) | cuda | mps | cpu
     dtype: str = "auto"          # auto (bf16 autocast on CUDA, else float32) | float32 | bfloat16
     compile: bool = False
+    think_neutral: bool = True   # the val curve's steps: sharpening-neutral, as at inference
     threads: int = 0             # torch CPU threads; 0 = auto (nanoebm/runtime.py: set_threads)
 
 

@@ -68,12 +68,15 @@ def test_eta_waits_for_the_pace_after_the_first_steps(tmp_path, capsys):
     assert train_line(row, 10, "bpb", None).endswith("eta ?")
 
 
-def test_threads_auto_is_one_for_a_small_model_and_the_run_says_so(tmp_path, capsys):
+def test_threads_auto_is_at_most_two_for_a_small_model_and_the_run_says_so(tmp_path, capsys):
     before = torch.get_num_threads()
     try:
-        assert rt.set_threads(0, 10**6) == 1
-        assert rt.set_threads(2, 10**6) == 2  # asked for: taken as is
-        train_mod.train(compose(*SMALL, f"out_dir={tmp_path}"))
+        torch.set_num_threads(4)
+        assert rt.set_threads(0, 10**6) == 2  # a small model: two of the four
+        torch.set_num_threads(4)
+        assert rt.set_threads(0, 10**7) == 4  # a GPU-sized one: torch's default
+        assert rt.set_threads(3, 10**6) == 3  # asked for: taken as is
+        train_mod.train(compose(*SMALL, "train.threads=1", f"out_dir={tmp_path}"))
         assert " | threads 1 | " in capsys.readouterr().out
     finally:
         torch.set_num_threads(before)

@@ -145,20 +145,23 @@ def ckpt(tmp_path_factory):
 
 
 def test_evaluate_and_sample_override_reaches_the_model(ckpt, tmp_path, monkeypatch, capsys):
-    assert compose("think_neutral=true", config_name="evaluate").think_neutral is True
-    assert compose(config_name="sample").think_neutral is None
+    # sharpening-neutral steps are the inference default; think_neutral=false restores plain ones
+    assert compose("think_neutral=false", config_name="evaluate").think_neutral is False
+    assert compose(config_name="sample").think_neutral is True
+    assert compose(config_name="evaluate").think_neutral is True and compose(config_name="viz").think_neutral
     seen = []
     real = scorecard.score_windows
     monkeypatch.setattr(scorecard, "score_windows",
                         lambda m, *a, **kw: seen.append(m.cfg.think_neutral) or real(m, *a, **kw))
     res = {}
-    for neutral in (None, True):
+    for neutral in (False, True):
         cfg = EvalConfig(checkpoint=str(ckpt), out_dir=str(tmp_path / str(neutral)), sets=["val"],
-                         windows=8, bootstrap=20, bon=1, device="cpu", think_neutral=neutral)
+                         windows=8, bootstrap=20, bon=1, device="cpu", think_neutral=neutral,
+                         controls=False)
         res[neutral] = ev.evaluate(cfg)["sets"]["val"]["ce_k"]
     assert seen == [False, True]
     assert json.loads((tmp_path / "True" / "eval.json").read_text())["think_neutral"] is True
-    assert res[True][0] == res[None][0] and res[True][-1] != res[None][-1]  # same start, other steps
+    assert res[True][0] == res[False][0] and res[True][-1] != res[False][-1]  # same start, other steps
     got = []
     real_gen = sample_mod.generate
     monkeypatch.setattr(sample_mod, "generate", lambda m, *a, **kw: got.append(m.cfg.think_neutral)

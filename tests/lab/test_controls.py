@@ -57,7 +57,7 @@ def test_entropy_matching_hits_the_target_entropy():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("controls")
-    run = lambda *o: train_mod.train(compose(*SMALL, "train.max_steps=20", "train.learning_rate=3e-3",  # noqa: E731
+    run = lambda *o: train_mod.train(compose(*SMALL, "train.max_steps=8", "train.learning_rate=3e-3",  # noqa: E731
                                              *o, f"out_dir={root / o[0][-1] if o else root / 'e'}"))
     ebt = Path(run()["run_dir"]) / "final.pt"
     base = Path(run("model.think_steps=0")["run_dir"]) / "final.pt"
@@ -89,6 +89,7 @@ def test_dynamic_evaluation_scores_first_and_resets(tiny):
     assert torch.equal(C.dynamic_eval(model, es, 2, steps=1, lr=0.5, **kw)["think"], a["think"])
 
 
+@pytest.mark.slow  # lab.evaluate end to end: curve, best-of-N, every control
 def test_report_has_every_method_for_every_set(tiny, tmp_path):
     from lab import evaluate as ev
     res = ev.evaluate(EvalConfig(checkpoint=str(tiny["ebt"]), baseline=str(tiny["base"]),

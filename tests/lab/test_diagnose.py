@@ -141,7 +141,7 @@ def test_bpe_checkpoint_on_a_parquet_folder(tmp_path):
                         "train.max_steps=3", "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
                         "data.block_size=16", "data.batch_size=2", "train.eval_iters=1"))["run_dir"]
     write_shards(tmp_path / "other", 1, docs=5, seed=9)
-    res = ev.evaluate(EvalConfig(checkpoint=str(run / "final.pt"), sets=["val", "lower"],
+    res = ev.evaluate(EvalConfig(checkpoint=str(run / "final.pt"), sets=["val", "lower"], controls=False,
                                  texts=[str(tmp_path / "other")], windows=6, bootstrap=20,
                                  diagnose=True, rerank_topk=8, device="cpu",
                                  out_dir=str(tmp_path / "ev")))

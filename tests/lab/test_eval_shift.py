@@ -37,6 +37,7 @@ def runs(tmp_path_factory):
 def cfg(runs, tmp_path, **kw):
     kw.setdefault("windows", 24)
     kw.setdefault("bootstrap", 200)
+    kw.setdefault("controls", False)  # tests/lab/test_controls.py tests them
     return EvalConfig(checkpoint=str(runs["ebt"]), out_dir=str(tmp_path / "out"), device="cpu", **kw)
 
 
@@ -52,7 +53,8 @@ def test_text_file_scores_like_the_training_evaluator(runs, tmp_path):
     curve = thinking_curve(model, batches, 3, seed=7)  # what train.py logs as val_loss_k*
     assert np.allclose(r["ce_k"].mean((0, 1)).tolist(), curve["loss_k"], atol=1e-6)
     assert abs(r["ce_s1"].mean().item() - curve["loss_s1"]) < 1e-6
-    res = ev.evaluate(cfg(runs, tmp_path, sets=[], texts=[str(f)], steps=3, batch_size=8, seed=7))
+    res = ev.evaluate(cfg(runs, tmp_path, sets=[], texts=[str(f)], steps=3, batch_size=8, seed=7,
+                          think_neutral=False))  # the plain steps train.py's curve above ran
     assert np.allclose(res["sets"]["other.txt"]["ce_k"], curve["loss_k"], atol=1e-6)
     out = Path(res["out_dir"])
     assert json.loads((out / "eval.json").read_text())["sets"]["other.txt"]["n_positions"] == 24 * 16
@@ -97,7 +99,7 @@ def test_seen_and_unseen_windows_are_what_they_claim(runs, tmp_path, resumed):
     assert torch.equal(ck["sampler"][0]["state"], torch.Generator().manual_seed(1337).get_state())
     n_train = int(len(TEXT) * 0.9)
     seen = sampled_targets(ck, n_train)
-    res = ev.evaluate(EvalConfig(checkpoint=str(path), out_dir=str(tmp_path / "o"), device="cpu",
+    res = ev.evaluate(EvalConfig(checkpoint=str(path), out_dir=str(tmp_path / "o"), device="cpu", controls=False,
                                  sets=["train_seen", "train_unseen"], windows=8, bootstrap=50))
     from lab.shift import builtin_sets
     data = run_data(ck, EvalConfig())

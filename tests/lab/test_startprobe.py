@@ -66,7 +66,7 @@ def test_a_landscape_with_its_minimum_at_s1_calibrates(monkeypatch):
 
 
 def test_evaluate_writes_the_probes(trained_ckpt, tmp_path):
-    evaluate(EvalConfig(checkpoint=str(trained_ckpt), sets=["val"], windows=8, bon=0,
+    evaluate(EvalConfig(checkpoint=str(trained_ckpt), sets=["val"], windows=8, bon=0, controls=False,
                         steps=2, probes=True, out_dir=str(tmp_path)))
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["probes"]["set"] == "val" and set(res["probes"]["sharpness"]) == {"s=0.5", "s=1", "s=2"}

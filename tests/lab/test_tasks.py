@@ -203,7 +203,7 @@ def test_preset_trains_end_to_end(preset, cache, tmp_path):
     # evaluate.py writes the task metrics: determined vs free positions, in and out of distribution
     from lab import evaluate as ev
     from lab.config import EvalConfig
-    res = ev.evaluate(EvalConfig(checkpoint=str(Path(summary["run_dir"]) / "final.pt"), sets=["val"],
+    res = ev.evaluate(EvalConfig(checkpoint=str(Path(summary["run_dir"]) / "final.pt"), sets=["val"], controls=False,
                                  windows=6, bootstrap=20, task_lines=3, device="cpu",
                                  out_dir=str(tmp_path / "ev")))
     groups = res["task"]["groups"]
