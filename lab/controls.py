@@ -127,6 +127,9 @@ def calibration(d: dict, n_boot: int, seed: int) -> tuple[dict, dict]:
         out[f"gain_beyond_s1_temperature_{c}"] = gain("s1_temperature", c)
         out[f"gain_beyond_s1_entropy_matched_{c}"] = gain(f"s1_entropy_matched_{c}", c)
         out[f"gain_beyond_temperature_{c}"] = gain("s1_temperature", f"think_temperature_{c}")
+    # the unsuffixed names: against the neutral chain, the inference default
+    out["s1_entropy_matched"], out["think_temperature"] = (out["s1_entropy_matched_neutral"],
+                                                           out["think_temperature_neutral"])
     return out, {k: v.double() for k, v in per.items()}
 
 
@@ -208,6 +211,7 @@ def score_controls(model: EBT, bmodel, sets: list, rows: dict, K: int, cfg, devi
         rows[es.name]["controls"] = c
         if not tt:  # no val set to choose its settings on, and none given: no dynamic evaluation
             continue
+        c["tt"] = tt  # the settings it ran with (chosen on val, or given)
         d = dynamic_eval(model, es, K, steps=tt["ebt"]["steps"], lr=tt["ebt"]["lr"], **kw)
         c["tt_s1"], c["tt_think"] = (d["s1"].sum() / n.sum()).item(), (d["think"].sum() / n.sum()).item()
         for chain_ in ("plain", "neutral"):  # the static chain's gain beyond adapted weights

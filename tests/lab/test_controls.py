@@ -95,7 +95,8 @@ def test_report_has_every_method_for_every_set(tiny, tmp_path):
     res = ev.evaluate(EvalConfig(checkpoint=str(tiny["ebt"]), baseline=str(tiny["base"]),
                                  sets=["val", "corrupt_20"], windows=8, batch_size=4, bootstrap=20,
                                  steps=2, device="cpu", out_dir=str(tmp_path)))
-    keys = ["s1", "s1_temperature", "s1_entropy_matched_plain", "s1_entropy_matched_neutral",
+    keys = ["s1", "s1_temperature", "s1_entropy_matched", "think_temperature", "T_s1", "tt",
+            "s1_entropy_matched_plain", "s1_entropy_matched_neutral",
             "think_temperature_plain", "think_temperature_neutral", "tt_baseline", "tt_s1",
             "tt_think", "gain_beyond_s1_temperature_neutral", "gain_beyond_tt_s1_plain"]
     saved = json.loads((tmp_path / "eval.json").read_text())
