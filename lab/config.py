@@ -69,7 +69,7 @@ class CompareConfig:
     eval_seed: int = 2024
     n_candidates: int = 4        # best-of-N at the trained step count (1 = off)
     think_noise: float = 0.5     # best-of-N: the noise (before each step) that makes chains differ
-    # evaluate.py on every thinking run (lab/scorecard.py), the suite's plain transformer
+    # lab.evaluate on every thinking run (lab/scorecard.py), the suite's plain transformer
     # of the same seed as the shift axis: results/<eval_name>.{json,md,png}
     eval_sets: List[str] = field(default_factory=list)  # e.g. [val, corrupt_05]; empty = off
     eval_windows: int = 512

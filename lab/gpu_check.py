@@ -9,7 +9,7 @@ Stages, each in its own process with a time limit, all inside LIMIT_S (default 4
                then one step of each size preset (model=small..xl) at 8 windows
   train        train.py for 300 steps, the default config and its baseline (think_steps=0):
                step time, tokens/s, peak memory, val bpb
-  bench        bench.py device=cuda at the default size
+  bench        lab.bench device=cuda at the default size
 Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md (a stage that failed or ran out of time
 is recorded as such; the others still report).
 """
@@ -203,7 +203,7 @@ def markdown(res: dict) -> str:
                          f"{m['estimate_gb']:.2f} | {m['estimate_gb'] / m['peak_gb']:.2f} | {m['step_ms']:.0f} |")
     b = st.get("bench", {})
     if "train_step_ms_ebt" in b:
-        lines += ["", "bench.py device=cuda (6 x 384, batch 64 x 256):", "",
+        lines += ["", "lab.bench device=cuda (6 x 384, batch 64 x 256):", "",
                   "| | baseline | EBT K=2 | ratio |", "|---|---:|---:|---:|",
                   f"| train step (ms) | {b['train_step_ms_baseline']:.1f} | {b['train_step_ms_ebt']:.1f} | "
                   f"{b['ebt_over_baseline']:.2f}x |",

@@ -9,7 +9,7 @@
                          the total-variation distance between the two final distributions (0:
                          the answer does not depend on where thinking started), and each CE.
 
-Both use plain descent (no noise), the windows' scored positions, and `evaluate.py probes=true`
+Both use plain descent (no noise), the windows' scored positions, and `lab.evaluate probes=true`
 writes them into eval.json under "probes".
 """
 from __future__ import annotations

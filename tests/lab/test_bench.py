@@ -1,4 +1,4 @@
-"""bench.py quick=true runs end to end and writes bench.json with every key (tiny sizes here;
+"""lab.bench quick=true runs end to end and writes bench.json with every key (tiny sizes here;
 the benchmark itself is not a timed test).
 
     uv run pytest tests/lab/test_bench.py
@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow  # bench.py as a subprocess
+pytestmark = pytest.mark.slow  # lab.bench as a subprocess
 
 KEYS = ["train_step_ms_baseline", "train_step_ms_ebt", "ebt_over_baseline",
         "ebt_truncated_over_baseline", "peak_mem_mb_ebt_k4", "tokens_per_s_baseline",

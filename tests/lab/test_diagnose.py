@@ -1,4 +1,4 @@
-"""evaluate.py diagnose=true: each diagnostic against a brute-force recomputation on a 3-window
+"""lab.evaluate diagnose=true: each diagnostic against a brute-force recomputation on a 3-window
 batch, and a BPE checkpoint scored on a parquet folder.
 
     uv run pytest tests/lab/test_diagnose.py

@@ -200,7 +200,7 @@ def test_preset_trains_end_to_end(preset, cache, tmp_path):
     ck = load_checkpoint(Path(summary["run_dir"]) / "final.pt")
     train_text = tasks.task_files(preset.split("_")[0], cache_dir=str(cache))["train"].read_text()
     assert ck["meta"]["chars"] == sorted(set(train_text))
-    # evaluate.py writes the task metrics: determined vs free positions, in and out of distribution
+    # lab.evaluate writes the task metrics: determined vs free positions, in and out of distribution
     from lab import evaluate as ev
     from lab.config import EvalConfig
     res = ev.evaluate(EvalConfig(checkpoint=str(Path(summary["run_dir"]) / "final.pt"), sets=["val"], controls=False,
