@@ -195,9 +195,9 @@ def open_checkpoint(name: str | None, out_dir: str | Path) -> tuple[Path, dict, 
     ck = load_checkpoint(path)
     if name in BUNDLED:
         what = "EBT" if name == "bundled" else "plain-transformer baseline"
-        return path, ck, (f"using the bundled {ck['step']}-step {what} (checkpoints/{path.name}): "
+        return path, ck, (f"using the bundled {ck.get('step', '?')}-step {what} (checkpoints/{path.name}): "
                           "train your own with `uv run python train.py experiment=cpu`")
     of = (ck.get("config") or {}).get("train", {}).get("max_steps", "?")
     why = f", the newest finished run under {out_dir}/" if name is None else ""
-    return path, ck, (f"using {path} (step {ck['step']} of {of}, written "
+    return path, ck, (f"using {path} (step {ck.get('step', '?')} of {of}, written "
                       f"{(time.time() - path.stat().st_mtime) / 3600:.1f} h ago{why})")

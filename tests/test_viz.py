@@ -2,6 +2,7 @@
 model's own numbers (think loop energies, S1 val loss, batched slices == single evaluations)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -155,6 +156,7 @@ def load_model(run_dir):
 def test_gap_energies_are_the_think_loops(run_dir, monkeypatch):
     res = run_viz(run_dir, monkeypatch, "mode=gap", "steps=4", "out_dir=o_gap")
     model, _ = load_model(run_dir)
+    model.cfg = dataclasses.replace(model.cfg, think_neutral=True)  # viz's default steps
     _, [(x, y)] = reference_batch(run_dir)
     assert torch.equal(res["x"], x) and torch.equal(res["y"], y)
     ctx = model.context(x)
