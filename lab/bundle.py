@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from nanoebm.checkpoint import BUNDLED, atomic_save, atomic_write_text, load_checkpoint, model_from_checkpoint
-from nanoebm.data import load_data
-from nanoebm.config import DataConfig
 from nanoebm.losses import thinking_curve
+from lab.config import EvalConfig
+from lab.scorecard import run_data
 from lab.scoring import best_of_n_loss
 
 README = BUNDLED["bundled"].parent / "README.md"
@@ -36,13 +36,11 @@ def sha256(path: Path) -> str:
 
 
 def score(ck: dict) -> dict:
-    """Val CE (nats/char; README records bits) of a checkpoint on SCORE's fixed windows: System 1, after the trained
-    think steps, and best-of-4 chains (EBT only)."""
+    """Val CE (nats/char; README records bits) of a checkpoint on SCORE's fixed windows: System 1,
+    after the trained think steps, and best-of-4 chains (EBT only)."""
     torch.manual_seed(0)
     model = model_from_checkpoint(ck).eval()
-    names = {f.name for f in DataConfig.__dataclass_fields__.values()}
-    dc = DataConfig(**{k: v for k, v in ck["config"]["data"].items() if k in names})
-    data = load_data(dc)
+    data = run_data(ck, EvalConfig())  # the run's own corpus, as lab.evaluate reads it
     g = torch.Generator().manual_seed(SCORE["seed"])
     T = model.cfg.block_size
     batches = [data.get_batch("val", SCORE["batch_size"], T, g) for _ in range(SCORE["batches"])]

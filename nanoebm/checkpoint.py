@@ -171,16 +171,6 @@ def carry_metrics(ckpt_path: str | Path, run_dir: Path, step: int) -> None:
         (run_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path:
-    """The newest finished run's final.pt under out_dir, by modification time (not by name)."""
-    out_dir = Path(os.path.expanduser(str(out_dir)))
-    finals = [p for p in out_dir.glob("run_*/final.pt") if p.is_file()]
-    if not finals:
-        raise FileNotFoundError(f"no finished run under {out_dir}/ (train with `python train.py`"
-                                " or pass checkpoint=PATH)")
-    return max(finals, key=lambda p: p.stat().st_mtime)
-
-
 # The trained models shipped in checkpoints/ (half-precision weights; lab/bundle.py writes them)
 BUNDLED = {name: Path(__file__).resolve().parent.parent / "checkpoints" / f"shakespeare_char_{kind}.pt"
            for name, kind in (("bundled", "ebt"), ("bundled_baseline", "baseline"))}
@@ -189,9 +179,15 @@ BUNDLED = {name: Path(__file__).resolve().parent.parent / "checkpoints" / f"shak
 def open_checkpoint(name: str | None, out_dir: str | Path) -> tuple[Path, dict, str]:
     """(path, checkpoint, the line a script prints first) for checkpoint=NAME: a path, bundled
     or bundled_baseline, or None: the newest finished run under out_dir, else the bundled EBT."""
-    runs = list(Path(out_dir).expanduser().glob("run_*/final.pt"))
-    name = "bundled" if name is None and not runs and BUNDLED["bundled"].exists() else name
-    path = BUNDLED.get(name) or (Path(name).expanduser() if name else latest_checkpoint(out_dir))
+    runs = [p for p in Path(out_dir).expanduser().glob("run_*/final.pt") if p.is_file()]
+    if name is None and not runs:
+        if not BUNDLED["bundled"].exists():
+            raise FileNotFoundError(f"no finished run under {out_dir}/ (train with `python train.py`"
+                                    " or pass checkpoint=PATH)")
+        name = "bundled"
+    # no name: the newest finished run, by modification time (not by name)
+    newest = lambda: max(runs, key=lambda p: p.stat().st_mtime)  # noqa: E731
+    path = BUNDLED.get(name) or (Path(name).expanduser() if name else newest())
     ck = load_checkpoint(path)
     if name in BUNDLED:
         what = "EBT" if name == "bundled" else "plain-transformer baseline"

@@ -88,7 +88,7 @@ def test_cli_subprocess_key_value_and_latest(workdir):
     assert not (workdir / "outputs").exists()
 
 
-def test_latest_checkpoint_is_newest_by_time_not_name(tmp_path, capsys):
+def test_newest_checkpoint_is_newest_by_time_not_name(tmp_path, capsys):
     old = write_run(tmp_path, "run_20990101_000000", step=1)  # sorts last by name...
     new = write_run(tmp_path, "run_20000101_000000", step=2)
     os.utime(old, (1_000_000, 1_000_000))  # ...but is the older file
