@@ -4,7 +4,7 @@
     uv run python -m lab.bundle results/runs/baseline_s1337/final.pt baseline --commit 16ee6ad
 
 writes checkpoints/shakespeare_char_{ebt,baseline}.pt (weights as float16, the model config, the
-vocabulary and the run's config: no optimizer, no random streams) and its row of
+vocabulary, the run's config and its sampler record: no optimizer, no random streams) and its row of
 checkpoints/README.md: the command, commit, seed, hardware, training time, the sha256 and the
 val bpb of the *bundled* weights (float16 rounding included) on fixed val windows (SCORE), which
 tests/test_bundled.py recomputes.
@@ -60,7 +60,8 @@ def bundle(run: Path, kind: str, commit: str) -> dict:
     out = BUNDLED["bundled" if kind == "ebt" else "bundled_baseline"]
     out.parent.mkdir(exist_ok=True)
     atomic_save({"model": half, "model_config": ck["model_config"], "meta": ck["meta"],
-                 "config": ck["config"], "step": ck["step"]}, out)
+                 "config": ck["config"], "step": ck["step"],
+                 "sampler": ck["sampler"]}, out)  # which windows it trained on: train_seen/unseen
     rows = [json.loads(r) for r in (run.resolve().parent / "metrics.jsonl").read_text().splitlines()]
     minutes = max(r.get("elapsed_s") or 0 for r in rows) / 60
     think = ck["model_config"]["think_steps"] > 0

@@ -20,7 +20,7 @@ def test_file_is_the_recorded_one(name):
     path = BUNDLED[name]
     assert sha256(path) == recorded()[path.name]["sha256"]
     ck = torch.load(path, weights_only=True)
-    assert set(ck) == {"model", "model_config", "meta", "config", "step"}  # no optimizer state
+    assert set(ck) == {"model", "model_config", "meta", "config", "step", "sampler"}  # no optimizer
     assert {v.dtype for v in ck["model"].values() if v.is_floating_point()} == {torch.float16}
     assert path.stat().st_size < 4e6 and ck["step"] == 2000
     assert (ck["model_config"]["think_steps"] > 0) == (name == "bundled")
